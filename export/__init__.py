@@ -1,0 +1,1 @@
+"""kaizen.export: turns a frozen base into an ONNX bundle (once) and tasks into packs."""

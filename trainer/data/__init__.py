@@ -1,0 +1,1 @@
+"""Task-stream data: LLaVA JSON, ImageFolder, the built-in synthetic inspection stream."""
