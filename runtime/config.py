@@ -1,0 +1,247 @@
+"""Service configs of the fleet link: `station.toml` (a station) and `hub.toml` (the trainer hub).
+
+Both are TOML files read with tomllib into validated dataclasses. Relative paths are resolved
+against the TOML file's folder; every error is a ConfigError naming the file and the field:
+
+    from kaizen.runtime.config import load_station_config, load_hub_config
+    cfg = load_station_config("deploy/station.toml")   # -> StationConfig
+    hub = load_hub_config("deploy/hub.toml")           # -> HubConfig
+
+See deploy/station.toml and deploy/hub.toml for commented examples of every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+STATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+ENDPOINT_RE = re.compile(r"^(tcp|ipc|inproc)://\S+$")
+
+
+def _fail(source: str, name: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: field {name!r}: {message}")
+
+
+def _check_endpoint(source: str, name: str, value: str) -> None:
+    if not isinstance(value, str) or not ENDPOINT_RE.match(value):
+        raise _fail(source, name, f"{value!r} is not a ZeroMQ endpoint (tcp://host:port, ipc://path)")
+
+
+def _check_station_id(source: str, name: str, value: str) -> None:
+    if not isinstance(value, str) or not STATION_ID_RE.match(value):
+        raise _fail(source, name, f"{value!r} is not a station id (letters, digits, _ . : / -, max 128)")
+
+
+def _check_positive(source: str, name: str, value: Any, *, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise _fail(source, name, f"{value!r} must be {kind}")
+
+
+@dataclass
+class StationConfig:
+    """One station: its identity and keys, the hub it talks to, and its local folders."""
+
+    station_id: str
+    hub_endpoint: str
+    hub_public_key_file: Path
+    public_key_file: Path
+    secret_key_file: Path
+    bundle_dir: Path
+    store_dir: Path
+    trusted_keys_dir: Path
+    state_dir: Path                       # staging files, offsets, report outbox
+    inference_endpoint: str = "ipc:///tmp/kaizen-station.ipc"
+    threshold: float = 0.2                # selection: below this score -> "no task matches"
+    top_k: int = 3
+    heartbeat_s: float = 5.0
+    hub_timeout_s: float = 15.0           # silence after which the DEALER is reopened
+    credit: int = 4                       # chunks in flight per transfer
+    source: str = "<station config>"      # the file it came from (for error messages)
+
+    def __post_init__(self) -> None:
+        src = self.source
+        _check_station_id(src, "station_id", self.station_id)
+        _check_endpoint(src, "hub_endpoint", self.hub_endpoint)
+        _check_endpoint(src, "inference_endpoint", self.inference_endpoint)
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
+                or not -1.0 <= self.threshold <= 1.0:
+            raise _fail(src, "threshold", f"{self.threshold!r} must be a number in [-1, 1]")
+        _check_positive(src, "top_k", self.top_k, integer=True)
+        _check_positive(src, "heartbeat_s", self.heartbeat_s)
+        _check_positive(src, "hub_timeout_s", self.hub_timeout_s)
+        if self.hub_timeout_s <= self.heartbeat_s:
+            raise _fail(src, "hub_timeout_s", f"{self.hub_timeout_s} must exceed heartbeat_s "
+                        f"({self.heartbeat_s}), e.g. 3 x heartbeat_s")
+        _check_positive(src, "credit", self.credit, integer=True)
+        if self.credit > 64:
+            raise _fail(src, "credit", f"{self.credit} is too large (at most 64 chunks in flight)")
+
+
+@dataclass
+class AllowedStation:
+    """One allow-listed station of the hub: its id, CURVE public key file and groups."""
+
+    id: str
+    public_key_file: Path
+    groups: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HubConfig:
+    """The trainer hub: its endpoints, CURVE server keys, allow-list, pack folder and database."""
+
+    bind: str
+    pub_bind: str
+    public_key_file: Path
+    secret_key_file: Path
+    packs_dir: Path
+    db_path: Path
+    stations: list[AllowedStation] = field(default_factory=list)
+    chunk_size: int = 256 * 1024
+    max_credit: int = 16                  # a fetch asking for more chunks gets this many
+    source: str = "<hub config>"
+
+    def __post_init__(self) -> None:
+        src = self.source
+        _check_endpoint(src, "bind", self.bind)
+        _check_endpoint(src, "pub_bind", self.pub_bind)
+        if self.bind == self.pub_bind:
+            raise _fail(src, "pub_bind", "must differ from bind")
+        _check_positive(src, "chunk_size", self.chunk_size, integer=True)
+        if not 1024 <= self.chunk_size <= 16 * 1024 * 1024:
+            raise _fail(src, "chunk_size", f"{self.chunk_size} must be within 1 KiB .. 16 MiB")
+        _check_positive(src, "max_credit", self.max_credit, integer=True)
+        seen: set[str] = set()
+        for i, st in enumerate(self.stations):
+            _check_station_id(src, f"stations[{i}].id", st.id)
+            if st.id in seen:
+                raise _fail(src, f"stations[{i}].id", f"station {st.id!r} is listed twice")
+            seen.add(st.id)
+            for g in st.groups:
+                if not isinstance(g, str) or not g:
+                    raise _fail(src, f"stations[{i}].groups", f"{g!r} is not a group name")
+
+    def station_ids(self) -> list[str]:
+        return [s.id for s in self.stations]
+
+    def resolve_targets(self, target: str) -> list[str]:
+        """Station ids a publish target names: `@group`, or a glob over station ids."""
+        if target.startswith("@"):
+            return [s.id for s in self.stations if target[1:] in s.groups]
+        return [s.id for s in self.stations if fnmatch.fnmatchcase(s.id, target)]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def _build(cls, data: dict, source: str, section: str, paths: tuple[str, ...], base: Path,
+           extra: dict | None = None):
+    """Instantiate dataclass `cls` from `data`, naming unknown/missing/mistyped fields."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"source"} - set(extra or {})
+    prefix = f"{section}." if section else ""
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(data) - set(extra or {}))
+    if missing:
+        raise ConfigError(f"{source}: missing field {prefix}{missing[0]!r}")
+    kwargs = dict(data)
+    for name in paths:
+        if name in kwargs:
+            if not isinstance(kwargs[name], str) or not kwargs[name]:
+                raise ConfigError(f"{source}: field {prefix}{name!r}: {kwargs[name]!r} is not a path")
+            kwargs[name] = (base / kwargs[name]).resolve()
+    kwargs.update(extra or {})
+    if "source" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["source"] = source
+    return cls(**kwargs)
+
+
+STATION_PATHS = ("hub_public_key_file", "public_key_file", "secret_key_file", "bundle_dir",
+                 "store_dir", "trusted_keys_dir", "state_dir")
+HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path")
+
+
+def load_station_config(path: str | Path) -> StationConfig:
+    """Read a station.toml (all fields at top level, or under a [station] table)."""
+    path = Path(path)
+    data = _read_toml(path)
+    if "station" in data and isinstance(data["station"], dict) and len(data) == 1:
+        data = data["station"]
+    return _build(StationConfig, data, str(path), "", STATION_PATHS, path.resolve().parent)
+
+
+def load_hub_config(path: str | Path) -> HubConfig:
+    """Read a hub.toml: top-level hub fields plus [[stations]] tables {id, public_key_file, groups}."""
+    path = Path(path)
+    data = _read_toml(path)
+    base = path.resolve().parent
+    raw = data.pop("stations", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: field 'stations' must be an array of tables ([[stations]])")
+    stations = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: field 'stations[{i}]' must be a table")
+        st = _build(AllowedStation, entry, str(path), f"stations[{i}]", ("public_key_file",), base)
+        if not isinstance(st.groups, list):
+            raise ConfigError(f"{path}: field 'stations[{i}].groups' must be a list of names")
+        stations.append(st)
+    return _build(HubConfig, data, str(path), "", HUB_PATHS, base, extra={"stations": stations})
+
+
+_CERT_LINE = re.compile(r'^\s*(public|secret)-key\s*=\s*"([^"]{40})"\s*$', re.M)
+
+
+def read_curve_key(path: str | Path, *, secret: bool = False) -> bytes:
+    """Read a CURVE key (z85, 40 chars) from `path`.
+
+    Accepts a bare z85 file (NAME.pub / NAME.key as written by `kaizen keys gen`) or a ZeroMQ
+    certificate file (`public-key = "..."` / `secret-key = "..."`, as zmq.auth writes them).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: CURVE key file not found (make one with `kaizen keys gen --curve`)") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{path}: cannot read CURVE key: {err}") from None
+    wanted = "secret" if secret else "public"
+    found = {kind: key for kind, key in _CERT_LINE.findall(text)}
+    if found:
+        if wanted not in found:
+            raise ConfigError(f"{path}: certificate has no {wanted}-key")
+        key = found[wanted]
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        key = lines[0] if len(lines) == 1 else ""
+    if len(key) != 40:
+        raise ConfigError(f"{path}: not a z85 CURVE {wanted} key (expected 40 characters)")
+    return key.encode("ascii")
