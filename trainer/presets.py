@@ -1,0 +1,67 @@
+"""Built-in base presets as data: the tiny bases for tests/demo/CI and a `small` benchmark shape.
+
+Same classes as the real models (LlavaForConditionalGeneration with a CLIP vision tower and a
+Llama or Qwen2 language model; CLIPModel for the query encoder), made from a seed. `small` has
+a realistic shape but random weights: it is for timing and size figures only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class BasePreset:
+    name: str
+    text_arch: str  # "llama" | "qwen2"
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch: int
+    clip_hidden: int
+    clip_layers: int
+    clip_dim: int
+    clip_image_size: int
+    vocab_size: int = 1024  # BPE vocabulary trained on the generic corpus (special tokens included)
+    pretrained: bool = True  # False: random weights, say so wherever figures are reported
+
+    def __post_init__(self):
+        if self.text_arch not in ("llama", "qwen2"):
+            raise ValueError(f"text_arch must be llama or qwen2, got {self.text_arch!r}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"preset {self.name}: hidden must divide by heads, heads by kv_heads")
+        if self.image_size % self.patch:
+            raise ValueError(f"preset {self.name}: image_size must be a multiple of patch")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, vision_hidden=64, vision_layers=2,
+             vision_heads=4, image_size=64, patch=8, clip_hidden=64, clip_layers=2, clip_dim=64,
+             clip_image_size=64)
+
+PRESETS: dict[str, BasePreset] = {
+    "tiny-llama": BasePreset(name="tiny-llama", text_arch="llama", **_TINY),
+    "tiny-qwen2": BasePreset(name="tiny-qwen2", text_arch="qwen2", **_TINY),
+    "small": BasePreset(name="small", text_arch="llama", hidden=512, layers=8, heads=8, kv_heads=4,
+                        intermediate=1408, vision_hidden=384, vision_layers=6, vision_heads=6,
+                        image_size=224, patch=16, clip_hidden=256, clip_layers=4, clip_dim=256,
+                        clip_image_size=224, vocab_size=8192, pretrained=False),
+}
+
+
+def get_preset(name: str) -> BasePreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown base preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
