@@ -1,0 +1,148 @@
+"""Export a frozen base (LLaVA + CLIP query encoder) to an ONNX base bundle, once per base.
+
+    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8]
+
+Writes vision.onnx, embed.npy, decoder.onnx (KV cache + every LoRA A/B as an optional input with
+a zero default), clip_image.onnx, clip_text.onnx, tokenizers, preprocess.json and base.json (sha256
+of every file + the base fingerprint), then runs the parity check against torch and fails loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, BUNDLE_FILES
+
+from .loading import Base, Clip, base_fingerprint, load_base, load_clip
+from .onnx_io import add_zero_defaults, export_graph, sha256_file
+from .wrappers import (DEFAULT_TARGETS, ClipImageWrapper, ClipTextWrapper, DecoderWrapper, VisionWrapper,
+                       add_lora_slots)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _dims():
+    D = torch.export.Dim
+    return D("batch", max=256), D("seq", max=4096), D("past", max=4096)
+
+
+def export_vision(base: Base, out: Path) -> None:
+    batch, _, _ = _dims()
+    size = base.preprocess.size
+    export_graph(VisionWrapper(base.model), (torch.randn(2, 3, size, size),), out / "vision.onnx",
+                 ["pixel_values"], ["image_features"], {"pixel_values": {0: batch}})
+
+
+def export_decoder(base: Base, out: Path, rank: int, targets) -> dict:
+    """Export the language model + head with KV cache and LoRA inputs; return the LoRA shapes."""
+    model = copy.deepcopy(base.model)
+    text = model.config.text_config
+    shapes = add_lora_slots(model.model.language_model, targets, rank)
+    dec = DecoderWrapper(model, targets).eval()
+    n_layers, kv = text.num_hidden_layers, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    batch, seq, past = _dims()
+    b, s, p = 2, 5, 3
+    past_t = [torch.randn(b, kv, p, head_dim) for _ in range(2 * n_layers)]
+    lora_t = [torch.randn(*shape) * 0.01 for shape in shapes.values()]
+    args = (torch.randn(b, s, text.hidden_size), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).repeat(b, 1), past_t, lora_t)
+    names_in = ["inputs_embeds", "attention_mask", "position_ids"]
+    names_in += [f"past.{i}.{kv_}" for i in range(n_layers) for kv_ in ("key", "value")] + list(shapes)
+    names_out = ["logits"] + [f"present.{i}.{kv_}" for i in range(n_layers) for kv_ in ("key", "value")]
+    dyn = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+           "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past}] * (2 * n_layers),
+           "lora": [None] * len(shapes)}
+    export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn)
+    add_zero_defaults(out / "decoder.onnx", shapes)
+    return {k: list(v) for k, v in shapes.items()}
+
+
+def export_clip(clip: Clip, out: Path) -> None:
+    batch, _, _ = _dims()
+    size = clip.preprocess.size
+    export_graph(ClipImageWrapper(clip.model), (torch.randn(2, 3, size, size),), out / "clip_image.onnx",
+                 ["pixel_values"], ["image_embeds"], {"pixel_values": {0: batch}})
+    ids = torch.ones(2, clip.max_len, dtype=torch.long)
+    export_graph(ClipTextWrapper(clip.model), (ids, torch.ones_like(ids)), out / "clip_text.onnx",
+                 ["input_ids", "attention_mask"], ["text_embeds"],
+                 {"input_ids": {0: batch}, "attention_mask": {0: batch}})
+
+
+def write_meta(base: Base, clip: Clip, out: Path, rank: int, targets, shapes: dict, precision: str) -> dict:
+    text = base.model.config.text_config
+    np.save(out / "embed.npy", base.model.get_input_embeddings().weight.detach().numpy().astype(np.float32))
+    shutil.copy(base.path / "tokenizer.json", out / "tokenizer.json")
+    shutil.copy(clip.path / "tokenizer.json", out / "clip_tokenizer.json")
+    (out / "preprocess.json").write_text(json.dumps(
+        {"vision": base.preprocess.to_dict(), "clip": clip.preprocess.to_dict()}, indent=2))
+    meta = {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "fingerprint": base_fingerprint(base, clip),
+        "source": {"base": str(base.path), "clip": str(clip.path), "preset": base.info.get("preset", {}).get("name")},
+        "precision": precision,
+        "prompt": base.spec.to_dict(),
+        "text": {"hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
+                 "num_kv_heads": text.num_key_value_heads, "vocab_size": text.vocab_size,
+                 "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads},
+        "clip": {"dim": clip.model.config.projection_dim, "max_len": clip.max_len,
+                 "bos_token_id": clip.model.config.text_config.bos_token_id,
+                 "eos_token_id": clip.model.config.text_config.eos_token_id,
+                 "pad_token_id": clip.model.config.text_config.pad_token_id or 0},
+        "lora": {"rank": rank, "targets": list(targets), "shapes": shapes},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta["files"] = {name: sha256_file(out / name) for name in BUNDLE_FILES}
+    (out / "base.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: int = 8,
+                  targets=DEFAULT_TARGETS, check: bool = True, log=print) -> dict:
+    """Export `base_dir` (+ CLIP at `clip_dir`, default base_dir/clip) to bundle folder `out`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    base = load_base(base_dir)
+    clip = load_clip(clip_dir or Path(base_dir) / "clip")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    export_vision(base, out)
+    shapes = export_decoder(base, out, rank, targets)
+    export_clip(clip, out)
+    if precision != "fp32":
+        from .quantize import convert_precision
+
+        convert_precision(out, precision)
+    meta = write_meta(base, clip, out, rank, targets, shapes, precision)
+    log(f"exported {base_dir} -> {out} ({precision}) in {time.perf_counter() - t0:.1f}s")
+    if check:
+        from .parity import check_parity
+
+        report = check_parity(base, clip, out, precision=precision)
+        (out / "parity.json").write_text(json.dumps(report, indent=2))
+        log(f"parity ok: max|diff| logits {report['max_abs_diff_logits']:.2e}, "
+            f"greedy tokens equal: {report['tokens_equal']}")
+    return meta
+
+
+def cli_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="kaizen base export", description=__doc__.splitlines()[0])
+    ap.add_argument("base", help="base folder (a local LlavaForConditionalGeneration checkpoint)")
+    ap.add_argument("--clip", help="CLIP query encoder folder (default BASE/clip)")
+    ap.add_argument("--out", required=True, help="bundle folder to write")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
+    a = ap.parse_args(argv)
+    export_bundle(a.base, a.out, a.clip, a.precision, a.lora_rank, check=not a.no_check)
+    return 0

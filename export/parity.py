@@ -1,0 +1,96 @@
+"""Parity check of an exported bundle against torch on fixed inputs; fails loudly.
+
+Checks, with and without a soft prompt + LoRA: max |diff| of prefill logits (ORT engine vs
+transformers) within the precision's tolerance, and greedy tokens equal to transformers `generate`.
+Runs automatically at the end of every `kaizen base export`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from kaizen.runtime.bundle import Bundle
+from kaizen.runtime.engine import Engine
+from kaizen.runtime.errors import BundleError
+from kaizen.runtime.preprocess import preprocess_batch
+
+from .loading import Base, Clip
+from .reference import apply_peft_lora, embed_prompt, positions, random_lora, torch_generate
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}  # max |diff| of logits
+TOKENS_MUST_MATCH = {"fp32": True, "fp16": True, "int8": False}  # int8: agreement is measured, reported
+INSTRUCTIONS = ["Is the part damaged?", "How many holes does the plate have?"]
+NEW_TOKENS = 8
+
+
+def fixed_images(size: int, n: int = 2, seed: int = 1234) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@torch.no_grad()
+def compare(base: Base, engine: Engine, images, prompt=None, lora=None) -> dict:
+    model = base.model
+    if lora is not None:
+        model = apply_peft_lora(copy.deepcopy(base.model), lora, engine.bundle.meta["lora"]["rank"],
+                                engine.bundle.meta["lora"]["targets"])
+    px = torch.from_numpy(preprocess_batch(images, base.preprocess))
+    p_t = torch.from_numpy(prompt) if prompt is not None else None
+    embeds, mask = embed_prompt(model, base, px, INSTRUCTIONS, p_t)
+    ref_logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)).logits
+    e_emb, e_mask, e_pos = engine.build_inputs(images, INSTRUCTIONS, prompt)
+    ort_logits, _ = engine._run(e_emb, e_mask, e_pos, engine._empty_past(len(images)), engine.lora_feeds(lora))
+    valid = mask.bool().numpy()
+    diff = float(np.abs(ort_logits[valid] - ref_logits.numpy()[valid]).max())
+    ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
+    ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
+    agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
+    return {"max_abs_diff_logits": diff, "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
+            "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
+
+
+def check_parity(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -> dict:
+    """Compare the bundle with torch; raise BundleError naming what broke."""
+    engine = Engine(Bundle.open(bundle_dir, providers=["CPUExecutionProvider"]))
+    images = fixed_images(base.preprocess.size)
+    rng = np.random.default_rng(7)
+    prompt = (rng.standard_normal((10, engine.embed.shape[1])) * 0.02).astype(np.float32)
+    lora = random_lora(engine.lora_shapes, seed=7)
+    plain = compare(base, engine, images)
+    adapted = compare(base, engine, images, prompt, lora)
+    clip_diff = _clip_diff(clip, engine, images)
+    report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff,
+              "max_abs_diff_logits": max(plain["max_abs_diff_logits"], adapted["max_abs_diff_logits"]),
+              "tokens_equal": plain["tokens_equal"] and adapted["tokens_equal"],
+              "token_agreement": min(plain["token_agreement"], adapted["token_agreement"])}
+    tol = TOLERANCE[precision]
+    if report["max_abs_diff_logits"] > tol:
+        raise BundleError(f"parity check failed for {bundle_dir}: max |diff| of logits "
+                          f"{report['max_abs_diff_logits']:.3g} > {tol} ({precision})")
+    if TOKENS_MUST_MATCH[precision] and not report["tokens_equal"]:
+        raise BundleError(f"parity check failed for {bundle_dir}: greedy tokens differ from transformers "
+                          f"(plain {plain['ref_tokens']} vs {plain['ort_tokens']})")
+    if clip_diff > TOLERANCE[precision]:
+        raise BundleError(f"parity check failed for {bundle_dir}: CLIP embeddings differ by {clip_diff:.3g}")
+    return report
+
+
+@torch.no_grad()
+def _clip_diff(clip: Clip, engine: Engine, images) -> float:
+    from kaizen.runtime.prompting import clip_text_ids
+
+    px = torch.from_numpy(preprocess_batch(images, clip.preprocess))
+    ref_img = clip.model.get_image_features(pixel_values=px)
+    ref_img = getattr(ref_img, "pooler_output", ref_img)
+    cfg = clip.model.config.text_config
+    ids, m = clip_text_ids(clip.tokenizer, INSTRUCTIONS, clip.max_len, cfg.bos_token_id, cfg.eos_token_id,
+                           cfg.pad_token_id or 0)
+    ref_txt = clip.model.get_text_features(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(m))
+    ref_txt = getattr(ref_txt, "pooler_output", ref_txt)
+    norm = torch.nn.functional.normalize
+    d1 = np.abs(engine.clip_image(images) - norm(ref_img, dim=-1).numpy()).max()
+    d2 = np.abs(engine.clip_text(INSTRUCTIONS) - norm(ref_txt, dim=-1).numpy()).max()
+    return float(max(d1, d2))

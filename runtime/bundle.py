@@ -1,0 +1,116 @@
+"""The base bundle on a station's disk: base.json, verified files, ONNX Runtime sessions.
+
+    bundle = Bundle.open("bundles/tiny-llama")            # verifies every sha256 in base.json
+    sess = bundle.session("decoder.onnx")                 # providers always explicit
+
+Written by kaizen.export.base_export; the layout is in docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .errors import BundleError
+from .preprocess import PreprocessConfig
+from .prompting import PromptSpec
+
+BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_FILES = ("vision.onnx", "embed.npy", "decoder.onnx", "clip_image.onnx", "clip_text.onnx",
+                "tokenizer.json", "clip_tokenizer.json", "preprocess.json")
+REQUIRED_KEYS = ("schema_version", "fingerprint", "files", "prompt", "text", "clip", "lora", "precision")
+
+
+def default_providers() -> list[str]:
+    """CUDA execution provider when this onnxruntime has it, else CPU; always an explicit list."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A verified base bundle folder and what the engine needs from it."""
+
+    path: Path
+    meta: dict
+    providers: list[str]
+    threads: int = 0
+    _sessions: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path, providers: list[str] | None = None, threads: int = 0, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        meta_path = path / "base.json"
+        if not meta_path.exists():
+            raise BundleError(f"{meta_path} is missing: {path} is not a base bundle "
+                              "(make one with `kaizen base export BASE --out DIR`)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{meta_path} is not valid JSON ({err}); re-export the bundle") from err
+        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        if missing:
+            raise BundleError(f"{meta_path} lacks field(s) {missing}; re-export the bundle")
+        if meta["schema_version"] != BUNDLE_SCHEMA_VERSION:
+            raise BundleError(f"{meta_path}: schema_version {meta['schema_version']} is not supported by this "
+                              f"runtime (expects {BUNDLE_SCHEMA_VERSION}); upgrade the runtime or re-export")
+        bundle = cls(path, meta, list(providers or default_providers()), threads)
+        if verify:
+            bundle.verify_files()
+        return bundle
+
+    def verify_files(self) -> None:
+        for name, digest in self.meta["files"].items():
+            f = self.path / name
+            if not f.exists():
+                raise BundleError(f"bundle file {f} is missing; copy the whole bundle folder again")
+            if sha256_file(f) != digest:
+                raise BundleError(f"bundle file {f} does not match its sha256 in base.json (altered or "
+                                  "corrupt); copy the bundle again")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def session(self, name: str) -> ort.InferenceSession:
+        if name not in self._sessions:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            self._sessions[name] = ort.InferenceSession(str(self.path / name), sess_options=opts,
+                                                        providers=self.providers)
+        return self._sessions[name]
+
+    def prompt_spec(self) -> PromptSpec:
+        return PromptSpec(**self.meta["prompt"])
+
+    def preprocess(self, which: str) -> PreprocessConfig:
+        data = json.loads((self.path / "preprocess.json").read_text())
+        return PreprocessConfig.from_dict(data[which])
+
+    def tokenizer(self, name: str = "tokenizer.json") -> Tokenizer:
+        return Tokenizer.from_file(str(self.path / name))
+
+    def embeddings(self) -> np.ndarray:
+        return np.load(self.path / "embed.npy", allow_pickle=False)
+
+    def lora_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v) for k, v in self.meta["lora"]["shapes"].items()}
