@@ -196,7 +196,8 @@ def decode(frames, *, max_bytes: int = MAX_MESSAGE_BYTES, allowed_types=None) ->
                         f"got {len(frames)}")
     total = sum(len(f) for f in frames)
     if total > max_bytes:
-        raise WireError("too_large", f"message is {total} bytes, over the limit of {max_bytes}")
+        raise WireError("too_large", f"message is {total} bytes, over the limit of {max_bytes}",
+                        _peek_msg_id(frames[0]))
     if len(frames[0]) > MAX_HEADER_BYTES:
         raise WireError("too_large", f"header frame is {len(frames[0])} bytes, over "
                         f"{MAX_HEADER_BYTES}")
@@ -211,6 +212,18 @@ def decode(frames, *, max_bytes: int = MAX_MESSAGE_BYTES, allowed_types=None) ->
     validate_body(msg_type, body, msg_id)
     buffers = _decode_buffers(msg_type, header["buffers"], frames[2:], msg_id)
     return Message(msg_type, body, buffers, msg_id, header["reply_to"], header["sent_at"])
+
+
+def _peek_msg_id(frame) -> str | None:
+    """The msg_id of a small, parseable header (for the reply_to of an oversize error)."""
+    if len(frame) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = json.loads(bytes(frame))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    msg_id = header.get("msg_id") if isinstance(header, dict) else None
+    return msg_id if isinstance(msg_id, str) and msg_id else None
 
 
 def _loads(frame, what: str, msg_id: str | None = None) -> dict:
@@ -230,7 +243,7 @@ def _check_header(header: dict, msg_id: str | None) -> None:
         raise WireError("version_mismatch", f"header protocol_version is {version!r}, this peer "
                         f"speaks version {PROTOCOL_VERSION}", msg_id)
     msg_type = header.get("msg_type")
-    if msg_type not in MESSAGE_TYPES:
+    if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
         raise WireError("unknown_type", f"header msg_type {msg_type!r} is not one of "
                         f"{sorted(MESSAGE_TYPES)}", msg_id)
     if not msg_id:

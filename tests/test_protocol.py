@@ -133,6 +133,8 @@ def test_decode_rejects_malformed_frames(frames, code, words):
     ({"protocol_version": None}, "version_mismatch", "protocol_version is None"),
     ({"protocol_version": True}, "version_mismatch", "protocol_version is True"),
     ({"msg_type": "frobnicate"}, "unknown_type", "'frobnicate'"),
+    ({"msg_type": {"a": 1}}, "unknown_type", "msg_type"),  # unhashable: found by the fuzz test
+    ({"msg_type": None}, "unknown_type", "msg_type"),
     ({"msg_id": ""}, "bad_frames", "msg_id"),
     ({"msg_id": 7}, "bad_frames", "msg_id"),
     ({"reply_to": 3}, "bad_frames", "reply_to"),
@@ -192,6 +194,11 @@ def test_size_limit_is_checked_before_parsing():
     frames = [b"garbage that is not json", b"{}", b"x" * 2000]
     got, text = _code(frames, max_bytes=1000)
     assert got == "too_large" and "over the limit of 1000" in text
+    big = _good("fetch")
+    big.buffers["pad"] = b"x" * 2000
+    with pytest.raises(P.WireError) as info:
+        P.decode(big.encode(), max_bytes=1000)
+    assert info.value.code == "too_large" and info.value.msg_id == big.msg_id  # for reply_to
     msg = P.Message("chunk", dict(GOOD_BODIES["chunk"]), {"data": b"x" * P.CHUNK_SIZE})
     assert P.decode(msg.encode()).buffers["data"] == b"x" * P.CHUNK_SIZE
     assert P.MAX_MESSAGE_BYTES == 32 * 1024 * 1024 and P.CHUNK_SIZE == 256 * 1024
