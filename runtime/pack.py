@@ -1,0 +1,307 @@
+"""Task packs (.kpk): build a signed pack, read and verify one. The format is runtime/TASKPACK.md.
+
+A pack is an uncompressed tar of manifest.json, manifest.sig (Ed25519 over the exact manifest
+bytes), prompt.npy, key.npy, text_emb.npy, adapter.npz, and optionally answers.json and golden/.
+Reading never extracts: members are checked and read into memory, then the signature, hashes,
+base, runtime version and arrays are verified; any problem is a PackError "pack FILE refused: ...".
+
+    manifest = build_pack("out/pick-3.kpk", task_id="pick", version=3, method="kaizen",
+                          base_fingerprint=fp, prompt=P, key=k, text_emb=T, lora=L,
+                          instructions=["Is the part defective?"], signing_key=sk)
+    contents = read_pack("out/pick-3.kpk", TrustedKeys([sk.public_key()]), base_fingerprint=fp)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import RUNTIME_VERSION
+from .errors import PackError
+from .keys import TrustedKeys, key_id
+from .manifest import PACK_SCHEMA_VERSION, Manifest, ManifestFieldError, parse_version
+from .pack_arrays import (
+    GoldenSample,
+    answers_bytes,
+    check_arrays,
+    golden_members,
+    load_answers,
+    load_golden,
+    load_npy,
+    load_npz,
+    npy_bytes,
+    npz_bytes,
+)
+from .tarsafe import DEFAULT_LIMITS, TarLimits, check_name, read_members, refuse, write_tar_atomic
+
+__all__ = [
+    "MANIFEST",
+    "PACK_SCHEMA_VERSION",
+    "REQUIRED_FILES",
+    "SIGNATURE",
+    "GoldenSample",
+    "Manifest",
+    "PackContents",
+    "TarLimits",
+    "build_pack",
+    "pack_members",
+    "read_pack",
+    "read_pack_dir",
+    "resign_pack",
+    "verify_members",
+    "verify_pack",
+    "write_signed_pack",
+]
+
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+REQUIRED_FILES = ("prompt.npy", "key.npy", "text_emb.npy", "adapter.npz")
+OPTIONAL_FILES = ("answers.json", "golden/golden.json")
+GOLDEN_IMAGE_RE = re.compile(r"^golden/[A-Za-z0-9_-]{1,64}\.png$")
+SIGNATURE_BYTES = 64
+
+
+@dataclass
+class PackContents:
+    """A verified pack in memory. `lora` maps decoder input names to arrays."""
+
+    manifest: Manifest
+    prompt: np.ndarray
+    key: np.ndarray
+    text_emb: np.ndarray
+    lora: dict[str, np.ndarray]
+    answers: list[str] | None = None
+    golden: list[GoldenSample] = field(default_factory=list)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, method: str,
+               base_fingerprint: str, prompt: np.ndarray, key: np.ndarray, text_emb: np.ndarray,
+               lora: Mapping[str, np.ndarray], instructions: list[str], signing_key: Ed25519PrivateKey,
+               answers: list[str] | None = None, golden: tuple[GoldenSample, ...] | list = (),
+               metrics: dict[str, Any] | None = None, prompt_tokens: int | None = None,
+               lora_rank: int | None = None, min_runtime_version: str = RUNTIME_VERSION,
+               created_at: str | None = None) -> Manifest:
+    """Validate the arrays, write a signed pack atomically to out_path, return its manifest.
+
+    prompt_tokens and lora_rank default to what the arrays say; passing them checks the arrays.
+    """
+    lora = dict(lora)
+    fields_ = dict(
+        schema_version=PACK_SCHEMA_VERSION, task_id=task_id, version=version, method=method,
+        base_fingerprint=base_fingerprint, min_runtime_version=min_runtime_version,
+        prompt_tokens=_shape0(prompt) if prompt_tokens is None else prompt_tokens,
+        lora_rank=_infer_rank(lora) if lora_rank is None else lora_rank,
+        created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        instructions=list(instructions), metrics=dict(metrics or {}))
+    try:
+        draft = Manifest(**fields_, sha256={"prompt.npy": "0" * 64}, signing_key_id="0" * 16)
+        check_arrays(draft, prompt, key, text_emb, lora)
+        files = pack_members(prompt, key, text_emb, lora, answers, golden)
+    except ValueError as err:
+        raise PackError(f"cannot write pack {out_path}: {err}") from None
+    return write_signed_pack(out_path, fields_, files, signing_key)
+
+
+def pack_members(prompt: np.ndarray, key: np.ndarray, text_emb: np.ndarray, lora: Mapping[str, np.ndarray],
+                 answers: list[str] | None = None, golden=()) -> dict[str, bytes]:
+    """The data members of a pack (everything except manifest.json and manifest.sig)."""
+    files = {"prompt.npy": npy_bytes(prompt), "key.npy": npy_bytes(key),
+             "text_emb.npy": npy_bytes(text_emb), "adapter.npz": npz_bytes(dict(lora))}
+    if answers is not None:
+        load_answers(answers_bytes(answers))  # same rules as the reader
+        files["answers.json"] = answers_bytes(answers)
+    files.update(golden_members(list(golden)))
+    return files
+
+
+def write_signed_pack(out_path: str | os.PathLike, manifest_fields: dict[str, Any],
+                      files: dict[str, bytes], signing_key: Ed25519PrivateKey) -> Manifest:
+    """Low level: hash `files`, complete and sign the manifest, write the tar atomically.
+
+    `manifest_fields` are the Manifest fields other than sha256 and signing_key_id. No array
+    checks happen here (build_pack does them); tests use this to make deliberately bad packs.
+    """
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+    try:
+        manifest = Manifest(**manifest_fields, sha256=hashes, signing_key_id=key_id(signing_key))
+    except (ValueError, TypeError) as err:
+        raise PackError(f"cannot write pack {out_path}: manifest {err}") from None
+    write_tar_atomic(out_path, sign_members(manifest, files, signing_key))
+    return manifest
+
+
+def sign_members(manifest: Manifest, files: dict[str, bytes], signing_key: Ed25519PrivateKey) -> dict[str, bytes]:
+    data = manifest.to_json()
+    return {**files, MANIFEST: data, SIGNATURE: signing_key.sign(data)}
+
+
+def resign_pack(src: str | os.PathLike, dst: str | os.PathLike, signing_key: Ed25519PrivateKey,
+                trusted_keys: TrustedKeys | None, limits: TarLimits = DEFAULT_LIMITS) -> Manifest:
+    """Re-sign a pack with another key (rotation). The hashes are always checked; the old
+    signature is checked against trusted_keys unless it is None (an explicit choice)."""
+    members = read_members(src, limits)
+    if trusted_keys is None:
+        old = verify_members(src, members, None, limits=limits, _skip_signature=True).manifest
+    else:
+        old = verify_members(src, members, trusted_keys, limits=limits).manifest
+    new = replace(old, signing_key_id=key_id(signing_key))
+    files = {n: d for n, d in members.items() if n not in (MANIFEST, SIGNATURE)}
+    write_tar_atomic(dst, sign_members(new, files, signing_key))
+    return new
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def read_pack(path: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fingerprint: str | None = None,
+              runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS) -> PackContents:
+    """Read and fully verify a .kpk; PackError "pack PATH refused: REASON" on any problem."""
+    members = read_members(path, limits)
+    return verify_members(path, members, trusted_keys, base_fingerprint=base_fingerprint,
+                          runtime_version=runtime_version, limits=limits)
+
+
+def verify_pack(path: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fingerprint: str | None = None,
+                runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS) -> Manifest:
+    """Same checks as read_pack; returns only the manifest."""
+    return read_pack(path, trusted_keys, base_fingerprint=base_fingerprint,
+                     runtime_version=runtime_version, limits=limits).manifest
+
+
+def read_pack_dir(folder: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fingerprint: str | None = None,
+                  runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS) -> PackContents:
+    """Read and verify an extracted pack folder (the pack store's layout), same checks as read_pack."""
+    folder = Path(folder)
+    members: dict[str, bytes] = {}
+    try:
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                raise refuse(folder, f"unsafe member {name}: symbolic link")
+            if path.is_dir():
+                continue
+            check_name(folder, name)
+            if path.stat().st_size > limits.max_member_bytes:
+                raise refuse(folder, f"member {name} too large")
+            members[name] = path.read_bytes()
+    except OSError as err:
+        raise refuse(folder, f"cannot read the folder ({err.strerror or err})") from err
+    return verify_members(folder, members, trusted_keys, base_fingerprint=base_fingerprint,
+                          runtime_version=runtime_version, limits=limits)
+
+
+def verify_members(source: str | os.PathLike, members: dict[str, bytes], trusted_keys: TrustedKeys | None,
+                   *, base_fingerprint: str | None = None, runtime_version: str | None = None,
+                   limits: TarLimits = DEFAULT_LIMITS, _skip_signature: bool = False) -> PackContents:
+    """Verify a pack given as {member name: bytes}: layout, signature, manifest, hashes, base,
+    runtime version, arrays. Raises PackError naming `source` and the reason."""
+    _check_layout(source, members, require_signature=not _skip_signature)
+    if _skip_signature:
+        manifest = _parse_manifest(source, members[MANIFEST])
+    else:
+        if not isinstance(trusted_keys, TrustedKeys):
+            raise TypeError("trusted_keys must be a TrustedKeys")
+        _check_signature(source, members, trusted_keys)
+        manifest = _parse_manifest(source, members[MANIFEST])
+    _check_hashes(source, members, manifest)
+    if base_fingerprint is not None and manifest.base_fingerprint != base_fingerprint:
+        raise refuse(source, f"wrong base: pack built for base {manifest.base_fingerprint}, "
+                             f"this station runs base {base_fingerprint} (export the task for this base)")
+    if runtime_version is not None and \
+            parse_version(manifest.min_runtime_version) > parse_version(runtime_version, "runtime_version"):
+        raise refuse(source, f"runtime too old: pack needs runtime >= {manifest.min_runtime_version}, "
+                             f"this is {runtime_version} (upgrade kaizen-edge)")
+    return _decode(source, members, manifest, limits)
+
+
+def _check_layout(source, members: dict[str, bytes], require_signature: bool = True) -> None:
+    for name in sorted(members):
+        if name not in (MANIFEST, SIGNATURE, *REQUIRED_FILES, *OPTIONAL_FILES) \
+                and not GOLDEN_IMAGE_RE.match(name):
+            raise refuse(source, f"unexpected member {name} (not part of pack schema {PACK_SCHEMA_VERSION})")
+    if MANIFEST not in members:
+        raise refuse(source, f"missing member {MANIFEST}")
+    if require_signature and SIGNATURE not in members:
+        raise refuse(source, f"unsigned (no {SIGNATURE}): sign it with `kaizen pack sign`")
+    for name in REQUIRED_FILES:
+        if name not in members:
+            raise refuse(source, f"missing member {name}")
+
+
+def _check_signature(source, members: dict[str, bytes], trusted_keys: TrustedKeys) -> None:
+    data, signature = members[MANIFEST], members[SIGNATURE]
+    try:
+        kid = json.loads(data).get("signing_key_id")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        kid = None
+    if not isinstance(kid, str):
+        _parse_manifest(source, data)  # names the malformed field
+        raise refuse(source, "malformed manifest: field 'signing_key_id': missing")
+    public = trusted_keys.get(kid)
+    if public is None:
+        raise refuse(source, f"signed by unknown key {kid} (trusted: {', '.join(trusted_keys.ids) or 'none'}); "
+                             "add its .ed25519.pub to the trusted keys or re-sign the pack")
+    if len(signature) != SIGNATURE_BYTES:
+        raise refuse(source, f"bad signature ({SIGNATURE} is {len(signature)} bytes, expected {SIGNATURE_BYTES})")
+    try:
+        public.verify(signature, data)
+    except InvalidSignature:
+        raise refuse(source, f"bad signature: {MANIFEST} does not match {SIGNATURE} for key {kid} "
+                             "(altered after signing)") from None
+
+
+def _parse_manifest(source, data: bytes) -> Manifest:
+    try:
+        return Manifest.from_json(data)
+    except ManifestFieldError as err:
+        raise refuse(source, f"malformed manifest: {err}") from None
+    except TypeError as err:
+        raise refuse(source, f"malformed manifest: {err}") from None
+
+
+def _check_hashes(source, members: dict[str, bytes], manifest: Manifest) -> None:
+    files = set(members) - {MANIFEST, SIGNATURE}
+    for name in sorted(set(manifest.sha256) - files):
+        raise refuse(source, f"missing member {name} (listed in the manifest)")
+    for name in sorted(files - set(manifest.sha256)):
+        raise refuse(source, f"unexpected member {name} (not listed in the manifest's sha256)")
+    for name in sorted(files):
+        if hashlib.sha256(members[name]).hexdigest() != manifest.sha256[name]:
+            raise refuse(source, f"tampered: member {name} does not match its sha256 in the manifest")
+
+
+def _decode(source, members: dict[str, bytes], manifest: Manifest, limits: TarLimits) -> PackContents:
+    try:
+        prompt = load_npy("prompt.npy", members["prompt.npy"])
+        key = load_npy("key.npy", members["key.npy"])
+        text_emb = load_npy("text_emb.npy", members["text_emb.npy"])
+        lora = load_npz("adapter.npz", members["adapter.npz"], limits.max_member_bytes)
+        check_arrays(manifest, prompt, key, text_emb, lora)
+    except ValueError as err:
+        raise refuse(source, f"bad array {err}") from None
+    try:
+        answers = load_answers(members["answers.json"]) if "answers.json" in members else None
+        golden = load_golden(members)
+    except ValueError as err:
+        raise refuse(source, f"bad member {err}") from None
+    return PackContents(manifest, prompt, key, text_emb, lora, answers, golden)
+
+
+def _shape0(array: Any) -> Any:
+    return array.shape[0] if isinstance(array, np.ndarray) and array.ndim >= 1 else None
+
+
+def _infer_rank(lora: Mapping[str, np.ndarray]) -> int:
+    ranks = {a.shape[0] for n, a in lora.items() if n.endswith(".A") and getattr(a, "ndim", 0) == 2}
+    return ranks.pop() if len(ranks) == 1 else (0 if not lora else -1)
