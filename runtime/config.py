@@ -66,6 +66,7 @@ class StationConfig:
     trusted_keys_dir: Path
     state_dir: Path                       # staging files, offsets, report outbox
     inference_endpoint: str = "ipc:///tmp/kaizen-station.ipc"
+    hub_announce_endpoint: str = ""       # the hub's PUB socket (hints only); "" = none
     threshold: float = 0.2                # selection: below this score -> "no task matches"
     top_k: int = 3
     heartbeat_s: float = 5.0
@@ -78,6 +79,8 @@ class StationConfig:
         _check_station_id(src, "station_id", self.station_id)
         _check_endpoint(src, "hub_endpoint", self.hub_endpoint)
         _check_endpoint(src, "inference_endpoint", self.inference_endpoint)
+        if self.hub_announce_endpoint:
+            _check_endpoint(src, "hub_announce_endpoint", self.hub_announce_endpoint)
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
                 or not -1.0 <= self.threshold <= 1.0:
             raise _fail(src, "threshold", f"{self.threshold!r} must be a number in [-1, 1]")
@@ -216,32 +219,3 @@ def load_hub_config(path: str | Path) -> HubConfig:
         stations.append(st)
     return _build(HubConfig, data, str(path), "", HUB_PATHS, base, extra={"stations": stations})
 
-
-_CERT_LINE = re.compile(r'^\s*(public|secret)-key\s*=\s*"([^"]{40})"\s*$', re.M)
-
-
-def read_curve_key(path: str | Path, *, secret: bool = False) -> bytes:
-    """Read a CURVE key (z85, 40 chars) from `path`.
-
-    Accepts a bare z85 file (NAME.pub / NAME.key as written by `kaizen keys gen`) or a ZeroMQ
-    certificate file (`public-key = "..."` / `secret-key = "..."`, as zmq.auth writes them).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: CURVE key file not found (make one with `kaizen keys gen --curve`)") from None
-    except (UnicodeDecodeError, OSError) as err:
-        raise ConfigError(f"{path}: cannot read CURVE key: {err}") from None
-    wanted = "secret" if secret else "public"
-    found = {kind: key for kind, key in _CERT_LINE.findall(text)}
-    if found:
-        if wanted not in found:
-            raise ConfigError(f"{path}: certificate has no {wanted}-key")
-        key = found[wanted]
-    else:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        key = lines[0] if len(lines) == 1 else ""
-    if len(key) != 40:
-        raise ConfigError(f"{path}: not a z85 CURVE {wanted} key (expected 40 characters)")
-    return key.encode("ascii")

@@ -1,0 +1,387 @@
+"""The station daemon: the fleet link to the hub, next to the inference endpoint.
+
+    kaizen station serve --config station.toml
+
+A DEALER (CURVE client, own key pair + the hub's public key) says hello on every (re)connect and
+heartbeats every `heartbeat_s`; every desired_state reply is reconciled against what the
+installer has: each missing pack is pulled with credit (runtime/fetcher.py: staging file,
+per-chunk sha256, fsync'd offset, resume), checked whole, installed through the installer
+(a Station or a bare PackStore: anything with `install(path)` and `installed()`), and reported
+received -> verified -> activated, or rejected(reason). Reports wait in a disk outbox
+(runtime/outbox.py) until the hub acks them. A silent hub (no reply for `hub_timeout_s`) gets
+the connection reopened with backoff; with no hub at all the station keeps serving from its
+local store, and the inference endpoint runs in its own thread, so the fleet loop never
+blocks inference. Tests drive `StationDaemon` directly (`start()` / `stop()` / `disconnect()`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from . import RUNTIME_VERSION
+from .daemon_state import DaemonMemory, installed_of
+from .durable import fsync_dir
+from .errors import KaizenError
+from .fetcher import Transfer
+from .keys import load_curve_keypair, load_curve_public
+from .outbox import Outbox
+from .protocol import CHUNK_SIZE, Message, WireError, decode
+
+log = logging.getLogger("kaizen.daemon")
+
+STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce"})
+PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.kpk$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_SHA_FAILURES = 3
+
+
+@dataclass
+class FleetLink:
+    """What the daemon needs to reach the hub (build it from a StationConfig with from_config)."""
+
+    station_id: str
+    hub_endpoint: str
+    hub_public_key: bytes          # z85
+    public_key: bytes              # z85, this station's
+    secret_key: bytes              # z85, this station's
+    state_dir: Path
+    base_fingerprint: str = ""
+    announce_endpoint: str = ""    # the hub's PUB (hints only); "" = none
+    heartbeat_s: float = 5.0
+    hub_timeout_s: float = 15.0
+    credit: int = 4                # chunks in flight
+    chunk_timeout_s: float = 3.0
+    chunk_bytes: int = CHUNK_SIZE  # the hub's chunk size: credit x chunk_bytes = bytes in flight
+    resend_s: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg, base_fingerprint: str) -> FleetLink:
+        public, secret = load_curve_keypair(cfg.secret_key_file)
+        return cls(station_id=cfg.station_id, hub_endpoint=cfg.hub_endpoint,
+                   hub_public_key=load_curve_public(cfg.hub_public_key_file), public_key=public,
+                   secret_key=secret, state_dir=cfg.state_dir, base_fingerprint=base_fingerprint,
+                   announce_endpoint=cfg.hub_announce_endpoint, heartbeat_s=cfg.heartbeat_s,
+                   hub_timeout_s=cfg.hub_timeout_s, credit=cfg.credit)
+
+
+@dataclass
+class DaemonStats:
+    reconnects: int = 0
+    hub_timeouts: int = 0
+    chunks: dict = field(default_factory=lambda: {"ok": 0, "duplicate": 0, "corrupt": 0, "bad": 0})
+    bytes_received: int = 0
+    resumed_from: list = field(default_factory=list)   # (name, offset) each time a transfer (re)starts
+    activated_at: dict = field(default_factory=dict)   # name -> time.time() of activation
+    rejected: dict = field(default_factory=dict)       # name -> reason
+
+
+class StationDaemon:
+    """The fleet loop of one station. Owns its sockets; run it in one thread."""
+
+    def __init__(self, link: FleetLink, installer, *, keep_downloads: bool = False,
+                 serving: Callable[[], bool] = lambda: True):
+        self.link = link
+        self.installer = installer
+        self.keep_downloads = keep_downloads
+        self.serving = serving
+        self.stats = DaemonStats()
+        self.state_dir = Path(link.state_dir)
+        self.downloads = self.state_dir / "downloads"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.state_dir / "outbox")
+        self.memory = DaemonMemory(self.state_dir / "fleet_state.json")
+        self.desired: list[dict] = []
+        self.transfer: Transfer | None = None
+        self._sha_failures: dict[str, int] = {}
+        self._fetch_ids: dict[str, str] = {}   # fetch msg_id -> pack name
+        self._stop = threading.Event()
+        self._disconnect = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context | None = None
+        self._dealer: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> StationDaemon:
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), daemon=True,
+                                        name=f"daemon-{self.link.station_id}")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            assert not self._thread.is_alive(), "daemon thread did not stop"
+
+    def disconnect(self) -> None:
+        """Close and reopen the DEALER at the loop's next turn (fault tests)."""
+        self._disconnect.set()
+
+    def run(self, stop: threading.Event) -> None:
+        self._ctx = zmq.Context()
+        try:
+            self._open()
+            self._loop(stop)
+        finally:
+            self._close()
+            if self.transfer is not None:
+                self.transfer.close()
+            self._ctx.term()
+
+    def _curve(self, sock: zmq.Socket) -> None:
+        sock.linger = 0
+        sock.curve_secretkey = self.link.secret_key
+        sock.curve_publickey = self.link.public_key
+        sock.curve_serverkey = self.link.hub_public_key
+
+    def _open(self) -> None:
+        assert self._ctx is not None
+        dealer = self._ctx.socket(zmq.DEALER)
+        self._curve(dealer)
+        dealer.reconnect_ivl = 100
+        dealer.reconnect_ivl_max = 2000
+        dealer.connect(self.link.hub_endpoint)
+        self._dealer = dealer
+        if self.link.announce_endpoint and self._sub is None:
+            sub = self._ctx.socket(zmq.SUB)
+            self._curve(sub)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(self.link.announce_endpoint)
+            self._sub = sub
+        now = time.monotonic()
+        self._last_rx = now
+        self._next_heartbeat = now + self.link.heartbeat_s
+        self._send(Message("hello", {"station_id": self.link.station_id,
+                                     "base_fingerprint": self.link.base_fingerprint or "unknown",
+                                     "runtime_version": RUNTIME_VERSION, "installed": self._installed()}))
+        self.outbox.reset_timers()
+        if self.transfer is not None:
+            self.transfer.restart_window()
+
+    def _close(self) -> None:
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._dealer = self._sub = None
+
+    def _reopen(self) -> None:
+        self.stats.reconnects += 1
+        if self._dealer is not None:
+            self._dealer.close(linger=0)
+        self._open()
+
+    # ------------------------------------------------------------ loop
+
+    def _loop(self, stop: threading.Event) -> None:
+        backoff = 1
+        while not stop.is_set():
+            poller = zmq.Poller()
+            poller.register(self._dealer, zmq.POLLIN)
+            if self._sub is not None:
+                poller.register(self._sub, zmq.POLLIN)
+            ready = dict(poller.poll(50))
+            if self._dealer in ready:
+                backoff = 1
+                self._drain(self._dealer)
+            if self._sub is not None and self._sub in ready:
+                self._drain(self._sub)
+            now = time.monotonic()
+            if self._disconnect.is_set():
+                self._disconnect.clear()
+                self._reopen()
+            elif now - self._last_rx > self.link.hub_timeout_s * backoff:
+                self.stats.hub_timeouts += 1
+                backoff = min(backoff * 2, 8)
+                self._reopen()
+            if now >= self._next_heartbeat:
+                self._heartbeat(now)
+            for msg_id, body in self.outbox.due(now, self.link.resend_s):
+                self._send(Message("report", body, msg_id=msg_id))
+            self._pump_transfer()
+
+    def _heartbeat(self, now: float) -> None:
+        self._next_heartbeat = now + self.link.heartbeat_s
+        self._send(Message("heartbeat", {"station_id": self.link.station_id,
+                                         "installed": self._installed(), "serving": bool(self.serving())}))
+
+    def _send(self, msg: Message) -> None:
+        try:
+            self._dealer.send_multipart(msg.encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # queue full while the hub is away: heartbeats, resends and timeouts retry
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(512):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if sock is self._dealer:
+                self._last_rx = time.monotonic()
+            try:
+                msg = decode(frames, allowed_types=STATION_TYPES)
+            except WireError as err:
+                log.warning("%s: dropped a bad message from the hub: %s", self.link.station_id, err)
+                continue
+            self._on_message(msg)
+
+    def _on_message(self, msg: Message) -> None:
+        kind, body = msg.msg_type, msg.body
+        if kind == "desired_state":
+            self.desired = [p for p in body["packs"] if PACK_NAME_RE.match(p["name"]) and SHA_RE.match(p["sha256"])]
+            self._reconcile()
+        elif kind == "chunk":
+            t = self.transfer
+            if t is not None and body["name"] == t.name:
+                result = t.on_chunk(body["offset"], msg.buffers["data"], body["sha256_chunk"], body["total_size"])
+                self.stats.chunks[result] += 1
+                if result == "ok":
+                    self.stats.bytes_received += len(msg.buffers["data"])
+        elif kind == "ack":
+            self.outbox.ack(body["acked_msg_id"])
+        elif kind == "announce":
+            self._next_heartbeat = time.monotonic()  # a hint: ask for desired_state now
+        elif kind == "error":
+            name = self._fetch_ids.get(msg.reply_to or "")
+            log.warning("%s: hub error %s: %s", self.link.station_id, body["error"], body["detail"])
+            if name is not None and self.transfer is not None and self.transfer.name == name:
+                self.transfer.close()
+                self.transfer = None  # the next desired_state decides again
+
+    # ------------------------------------------------------------ reconcile and deliver
+
+    def _installed(self) -> list[dict]:
+        return installed_of(self.installer)
+
+    def _reconcile(self) -> None:
+        have = {(i["task_id"], i["version"]) for i in self._installed()}
+        todo = []
+        for p in self.desired:
+            sha, key = p["sha256"], (p["task_id"], p["version"])
+            if sha in self.memory.skip:
+                continue
+            if key in have:
+                if sha not in self.memory.activated:
+                    self._report(p, "activated", "already installed")
+                    self.memory.mark_activated(sha, p["name"])
+                continue
+            if sha in self.memory.activated and any(t == p["task_id"] and v < p["version"] for t, v in have):
+                self._report(p, "rolled_back", "rolled back on the station")
+                self.memory.mark_skip(sha, "rolled back on the station")
+                continue
+            todo.append(p)
+        wanted = {p["sha256"] for p in todo}
+        if self.transfer is not None and self.transfer.sha256 not in wanted:
+            self.transfer.close()  # not desired any more: keep its staging file for later
+            self.transfer = None
+        if self.transfer is None and todo:
+            self.transfer = Transfer(self.downloads, todo[0], window=self.link.credit * self.link.chunk_bytes,
+                                     timeout=self.link.chunk_timeout_s)
+            self.stats.resumed_from.append((self.transfer.name, self.transfer.offset))
+
+    def _pump_transfer(self) -> None:
+        t = self.transfer
+        if t is None:
+            return
+        for offset, credit in t.requests():
+            msg = Message("fetch", {"name": t.name, "sha256": t.sha256, "offset": offset, "credit": credit})
+            self._fetch_ids[msg.msg_id] = t.name
+            if len(self._fetch_ids) > 4096:
+                self._fetch_ids.pop(next(iter(self._fetch_ids)))
+            self._send(msg)
+        if t.complete:
+            self._finish(t)
+
+    def _finish(self, t: Transfer) -> None:
+        entry = t.entry
+        path = t.finalize()
+        if path is None:
+            fails = self._sha_failures[t.sha256] = self._sha_failures.get(t.sha256, 0) + 1
+            if fails >= MAX_SHA_FAILURES:
+                self._reject(t, entry, f"whole-file sha256 mismatch after {fails} downloads")
+            return
+        self.transfer = None
+        self._report(entry, "received", None)
+        verify = getattr(self.installer, "verify", None)
+        try:
+            if callable(verify):
+                verify(path)
+                self._report(entry, "verified", None)
+            self.installer.install(path)
+        except KaizenError as err:
+            self.stats.rejected[entry["name"]] = str(err)
+            self._report(entry, "rejected", str(err))
+            self.memory.mark_skip(entry["sha256"], str(err))
+        else:
+            if not callable(verify):
+                self._report(entry, "verified", None)
+            self._report(entry, "activated", None)
+            self.memory.mark_activated(entry["sha256"], entry["name"])
+            self.stats.activated_at[entry["name"]] = time.time()
+        if not self.keep_downloads:
+            path.unlink(missing_ok=True)
+            fsync_dir(self.downloads)
+        self._reconcile()
+
+    def _reject(self, t: Transfer, entry: dict, reason: str) -> None:
+        t.discard()
+        self.transfer = None
+        self.stats.rejected[entry["name"]] = reason
+        self._report(entry, "rejected", reason)
+        self.memory.mark_skip(entry["sha256"], reason)
+
+    def _report(self, entry: dict, state: str, reason: str | None) -> None:
+        body = {"name": entry["name"], "task_id": entry["task_id"], "version": entry["version"],
+                "state": state, "reason": reason}
+        msg_id = self.outbox.add(body)
+        self._send(Message("report", body, msg_id=msg_id))
+        self.outbox.due(time.monotonic(), self.link.resend_s)  # marks it as just sent
+        log.info("%s: %s %s%s", self.link.station_id, entry["name"], state, f" ({reason})" if reason else "")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli_serve(argv: list[str]) -> int:
+    """`kaizen station serve --config station.toml`: inference endpoint + fleet link."""
+    from .config import load_station_config
+    from .endpoint import InferenceServer
+    from .daemon_state import station_from_config
+
+    parser = argparse.ArgumentParser(prog="kaizen station serve", description=cli_serve.__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="station.toml")
+    parser.add_argument("--no-hub", action="store_true", help="serve from the local store only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_station_config(args.config)
+    station = station_from_config(cfg)
+    server = InferenceServer(station, cfg.inference_endpoint).start()
+    print(f"station {cfg.station_id}: inference on {server.endpoint}; hub {cfg.hub_endpoint}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if args.no_hub:
+            while not stop.wait(1.0):
+                pass
+        else:
+            fingerprint = str(getattr(station, "base_fingerprint", "") or "")
+            StationDaemon(FleetLink.from_config(cfg, fingerprint), station).run(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    print(json.dumps({"station": cfg.station_id, "stopped": True}))
+    return 0

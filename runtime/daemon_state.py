@@ -1,0 +1,61 @@
+"""Small helpers of the station daemon (runtime/daemon.py): its durable memory and its installer.
+
+    memory = DaemonMemory(state_dir / "fleet_state.json")
+    memory.mark_activated(sha256, name)      # reported activated once: never again
+    memory.mark_skip(sha256, reason)         # rejected or rolled back here: do not fetch it again
+    installed_of(store_or_station)           # -> [{"task_id", "version"}]
+    station_from_config(cfg)                 # the Station `kaizen station serve` runs
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .durable import atomic_write_bytes
+
+
+class DaemonMemory:
+    """Which packs this station already reported activated, and which it must not fetch again.
+
+    Keyed by the pack file's sha256; written atomically, so it survives restarts. A pack that
+    was refused (bad signature, wrong base) or rolled back locally is not fetched again until
+    the hub publishes a different pack for that task.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.skip: dict[str, str] = dict(data.get("skip", {}))
+        self.activated: dict[str, str] = dict(data.get("activated", {}))
+
+    def mark_skip(self, sha256: str, reason: str) -> None:
+        self.skip[sha256] = reason
+        self._save()
+
+    def mark_activated(self, sha256: str, name: str) -> None:
+        self.activated[sha256] = name
+        self._save()
+
+    def _save(self) -> None:
+        atomic_write_bytes(self.path, json.dumps({"skip": self.skip, "activated": self.activated},
+                                                 indent=1, sort_keys=True).encode())
+
+
+def installed_of(installer) -> list[dict]:
+    """[{task_id, version}] of the active packs of a Station (`installed()`) or a PackStore (`active()`)."""
+    if hasattr(installer, "installed"):
+        items = installer.installed()
+        return [{"task_id": str(i["task_id"]), "version": int(i["version"])} for i in items]
+    active = installer.active()
+    return [{"task_id": task, "version": int(p.manifest.version)} for task, p in sorted(active.items())]
+
+
+def station_from_config(cfg):
+    """The Station a station.toml describes (base bundle + pack store + selection settings)."""
+    from .keys import TrustedKeys
+    from .station import Station
+
+    trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
+    return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
+                   top_k=cfg.top_k)

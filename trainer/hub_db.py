@@ -1,0 +1,188 @@
+"""The hub's durable state in SQLite (WAL): catalogue, publications, stations and deliveries.
+
+Everything the hub knows lives here, so a hub restart loses nothing, and `kaizen hub publish`
+works while the hub runs (it writes to the same database; the hub notices the new revision).
+
+    db = HubDB("hub.sqlite")
+    db.add_pack(PackRecord(name, sha256, size, task_id, version, path))
+    db.publish("line1/*", name)                    # glob over station ids, or "@group"
+    db.desired_for("line1/s01", groups=["line1"])  # -> [PackRecord], newest version per task
+    db.record_report("line1/s01", name, task_id, version, "activated", "")
+    db.status_rows()                               # what `kaizen fleet status` prints
+
+Tables: packs, publications, stations, deliveries, meta(revision). No torch here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Delivery states, in the order a healthy delivery goes through them. A report never moves a
+# pack backwards (a late or replayed "received" after "activated" is ignored).
+STATE_RANK = {"received": 1, "verified": 2, "activated": 3, "rejected": 3, "rolled_back": 4}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (
+    name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    task_id TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS publications (
+    target TEXT NOT NULL, pack_name TEXT NOT NULL REFERENCES packs(name), created_at REAL NOT NULL,
+    PRIMARY KEY (target, pack_name));
+CREATE TABLE IF NOT EXISTS stations (
+    station_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    last_hello REAL, base_fingerprint TEXT, runtime_version TEXT,
+    installed TEXT NOT NULL DEFAULT '[]', serving TEXT NOT NULL DEFAULT 'null');
+CREATE TABLE IF NOT EXISTS deliveries (
+    station_id TEXT NOT NULL, pack_name TEXT NOT NULL, task_id TEXT NOT NULL, version INTEGER NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL,
+    PRIMARY KEY (station_id, pack_name));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0);
+"""
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """One pack of the catalogue (a .kpk file in the hub's packs folder)."""
+
+    name: str
+    sha256: str
+    size: int
+    task_id: str
+    version: int
+    path: str
+
+    def wire(self) -> dict:
+        """The entry of a desired_state message."""
+        return {"task_id": self.task_id, "version": self.version, "sha256": self.sha256,
+                "size": self.size, "name": self.name}
+
+
+class HubDB:
+    """A connection to the hub database; one per thread (SQLite connections are not shared)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=30.0)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self.conn:
+            self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------ catalogue and publications
+
+    def add_pack(self, rec: PackRecord) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO packs (name, sha256, size, task_id, version, path, added_at) "
+                "VALUES (:name, :sha256, :size, :task_id, :version, :path, :t) "
+                "ON CONFLICT(name) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, "
+                "task_id=excluded.task_id, version=excluded.version, path=excluded.path",
+                {**asdict(rec), "t": time.time()})
+            self._bump()
+
+    def pack(self, name: str) -> PackRecord | None:
+        row = self.conn.execute("SELECT name, sha256, size, task_id, version, path FROM packs "
+                                "WHERE name = ?", (name,)).fetchone()
+        return PackRecord(**dict(row)) if row else None
+
+    def packs(self) -> list[PackRecord]:
+        rows = self.conn.execute("SELECT name, sha256, size, task_id, version, path FROM packs "
+                                 "ORDER BY task_id, version").fetchall()
+        return [PackRecord(**dict(r)) for r in rows]
+
+    def publish(self, target: str, pack_name: str) -> None:
+        """Desire `pack_name` on every station `target` names (glob over ids, or "@group")."""
+        assert self.pack(pack_name) is not None, f"publish of unknown pack {pack_name}"
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO publications (target, pack_name, created_at) "
+                              "VALUES (?, ?, ?)", (target, pack_name, time.time()))
+            self._bump()
+
+    def publications(self) -> list[tuple[str, str]]:
+        return [(r["target"], r["pack_name"]) for r in
+                self.conn.execute("SELECT target, pack_name FROM publications ORDER BY created_at")]
+
+    def desired_for(self, station_id: str, groups: list[str]) -> list[PackRecord]:
+        """Packs desired on a station: the newest published version of each task it is targeted by."""
+        best: dict[str, PackRecord] = {}
+        for target, name in self.publications():
+            hit = (target[1:] in groups) if target.startswith("@") else fnmatch.fnmatchcase(station_id, target)
+            rec = self.pack(name) if hit else None
+            if rec and (rec.task_id not in best or rec.version > best[rec.task_id].version):
+                best[rec.task_id] = rec
+        return sorted(best.values(), key=lambda r: r.task_id)
+
+    def revision(self) -> int:
+        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+
+    def _bump(self) -> None:
+        self.conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
+
+    # ------------------------------------------------------------ stations and deliveries
+
+    def record_seen(self, station_id: str, *, hello: bool, installed: list, serving=None,
+                    base_fingerprint: str | None = None, runtime_version: str | None = None) -> None:
+        """Store a hello or heartbeat: last seen time and what the station says it runs."""
+        now = time.time()
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO stations (station_id, first_seen, last_seen, installed) VALUES (?, ?, ?, '[]') "
+                "ON CONFLICT(station_id) DO NOTHING", (station_id, now, now))
+            self.conn.execute("UPDATE stations SET last_seen = ?, installed = ?, serving = ? "
+                              "WHERE station_id = ?",
+                              (now, json.dumps(installed), json.dumps(serving), station_id))
+            if hello:
+                self.conn.execute("UPDATE stations SET last_hello = ?, base_fingerprint = ?, "
+                                  "runtime_version = ? WHERE station_id = ?",
+                                  (now, base_fingerprint, runtime_version, station_id))
+
+    def record_report(self, station_id: str, pack_name: str, task_id: str, version: int,
+                      state: str, reason: str) -> bool:
+        """Store a delivery report; returns False when it was stale (would move the state back)."""
+        assert state in STATE_RANK, state
+        with self.conn:
+            row = self.conn.execute("SELECT state FROM deliveries WHERE station_id = ? AND pack_name = ?",
+                                    (station_id, pack_name)).fetchone()
+            if row is not None and STATE_RANK[row["state"]] > STATE_RANK[state]:
+                return False
+            self.conn.execute(
+                "INSERT INTO deliveries (station_id, pack_name, task_id, version, state, reason, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(station_id, pack_name) DO UPDATE SET "
+                "state=excluded.state, reason=excluded.reason, updated_at=excluded.updated_at",
+                (station_id, pack_name, task_id, int(version), state, reason, time.time()))
+        return True
+
+    def station(self, station_id: str) -> dict | None:
+        row = self.conn.execute("SELECT * FROM stations WHERE station_id = ?", (station_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["installed"] = json.loads(out["installed"])
+        out["serving"] = json.loads(out["serving"])
+        return out
+
+    def stations(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT station_id FROM stations ORDER BY station_id")]
+
+    def deliveries(self, station_id: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM deliveries"
+        args: tuple = ()
+        if station_id is not None:
+            sql, args = sql + " WHERE station_id = ?", (station_id,)
+        return [dict(r) for r in self.conn.execute(sql + " ORDER BY station_id, task_id, version", args)]
+
+    def delivery(self, station_id: str, pack_name: str) -> dict | None:
+        row = self.conn.execute("SELECT * FROM deliveries WHERE station_id = ? AND pack_name = ?",
+                                (station_id, pack_name)).fetchone()
+        return dict(row) if row else None
