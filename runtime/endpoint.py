@@ -3,7 +3,8 @@
 Protocol: runtime/PROTOCOL.md ("Inference link"). The server answers `infer_request` and
 `status_request` for any backend with ``infer(image, instruction, task=None) -> dict`` and
 ``status() -> dict`` (the real one is kaizen.runtime.station.Station). Every bad request gets
-an `error` reply and the server keeps serving.
+an `error` reply and the server keeps serving. Requests are answered one at a time, in
+arrival order, by one thread (the backend is the bottleneck; clients may be many).
 
     with InferenceServer(station, "ipc:///run/kaizen/infer.sock") as server:
         with InferenceClient(server.endpoint, timeout_ms=5000) as client:
@@ -22,8 +23,7 @@ import numpy as np
 import zmq
 
 from .errors import ConfigError, InputError, KaizenError
-from .protocol import (MAX_MESSAGE_BYTES, Message, WireError, decode, error_reply, ok_reply,
-                       split_envelope)
+from .protocol import MAX_MESSAGE_BYTES, Message, WireError, decode, error_reply, ok_reply, split_envelope
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class InferenceServer:
 
     def start(self) -> InferenceServer:
         """Bind (errors raise here, in the caller's thread) and start serving."""
-        if self._thread is not None:
-            raise RuntimeError("InferenceServer.start() called twice")
+        if self._thread is not None or self._stop.is_set():
+            raise RuntimeError("InferenceServer.start() called twice or after stop(): "
+                               "make a new InferenceServer")
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_bytes)  # hard per-frame cap: disconnect
@@ -124,7 +125,7 @@ class InferenceServer:
         if self._own_context and not self._context.closed:
             self._context.term()
 
-    def __enter__(self) -> InferenceServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -158,7 +159,7 @@ class InferenceServer:
             else:
                 reply = self._dispatch(request)
             frames = reply.encode()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             # The one broad catch: whatever a backend does wrong (a bug, a result that is not
             # JSON), the endpoint must answer and keep serving the line. Logged with traceback.
             log.exception("inference endpoint: unexpected error answering %s",
@@ -285,7 +286,7 @@ class InferenceClient:
         if self._own_context:
             self._context.term()
 
-    def __enter__(self) -> InferenceClient:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

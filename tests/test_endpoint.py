@@ -51,9 +51,9 @@ class FakeBackend:
 def served(request, tmp_path):
     endpoint = f"ipc://{tmp_path}/infer.sock" if request.param == "ipc" else "tcp://127.0.0.1:*"
     backend = FakeBackend()
-    with InferenceServer(backend, endpoint, max_bytes=256 * 1024, poll_ms=20) as server:
-        with InferenceClient(server.endpoint, timeout_ms=3000) as client:
-            yield server, client, backend
+    with InferenceServer(backend, endpoint, max_bytes=256 * 1024, poll_ms=20) as server, \
+            InferenceClient(server.endpoint, timeout_ms=3000) as client:
+        yield server, client, backend
 
 
 def _raw_exchange(endpoint, frames, timeout_ms=3000):
@@ -139,9 +139,9 @@ BAD_ARRAYS = [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
 ])
 def test_bad_requests_get_an_error_and_serving_goes_on(served, call, code, words, caplog):
     _, client, _ = served
-    with caplog.at_level(logging.ERROR, logger="kaizen.runtime.endpoint"):
-        with pytest.raises(P.WireError) as info:
-            call(client)
+    with caplog.at_level(logging.ERROR, logger="kaizen.runtime.endpoint"), \
+            pytest.raises(P.WireError) as info:
+        call(client)
     assert info.value.code == code and words in str(info.value)
     assert server_endpoint_named(info.value, client)
     if code == "internal":
