@@ -180,24 +180,29 @@ def verify_pack(path: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fing
 
 
 def read_pack_dir(folder: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fingerprint: str | None = None,
-                  runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS) -> PackContents:
-    """Read and verify an extracted pack folder (the pack store's layout), same checks as read_pack."""
+                  runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS,
+                  label: str | os.PathLike | None = None) -> PackContents:
+    """Read and verify an extracted pack folder (the pack store's layout), same checks as read_pack.
+
+    Messages name `label` (e.g. the .kpk the folder was staged from) instead of the folder if given.
+    """
     folder = Path(folder)
+    source = folder if label is None else label
     members: dict[str, bytes] = {}
     try:
         for path in sorted(folder.rglob("*")):
             name = path.relative_to(folder).as_posix()
             if path.is_symlink():
-                raise refuse(folder, f"unsafe member {name}: symbolic link")
+                raise refuse(source, f"unsafe member {name}: symbolic link")
             if path.is_dir():
                 continue
-            check_name(folder, name)
+            check_name(source, name)
             if path.stat().st_size > limits.max_member_bytes:
-                raise refuse(folder, f"member {name} too large")
+                raise refuse(source, f"member {name} too large")
             members[name] = path.read_bytes()
     except OSError as err:
-        raise refuse(folder, f"cannot read the folder ({err.strerror or err})") from err
-    return verify_members(folder, members, trusted_keys, base_fingerprint=base_fingerprint,
+        raise refuse(source, f"cannot read the folder ({err.strerror or err})") from err
+    return verify_members(source, members, trusted_keys, base_fingerprint=base_fingerprint,
                           runtime_version=runtime_version, limits=limits)
 
 

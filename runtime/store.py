@@ -161,7 +161,7 @@ class PackStore:
         self._stage(read_members(kpk, self.limits), staging)
         fault("staged")
         contents = read_pack_dir(staging, self.trusted_keys, base_fingerprint=self.base_fingerprint,
-                                 runtime_version=self.runtime_version, limits=self.limits)
+                                 runtime_version=self.runtime_version, limits=self.limits, label=kpk)
         fault("verified")
         manifest = contents.manifest
         task, version = manifest.task_id, manifest.version

@@ -303,7 +303,7 @@ def test_bad_arrays_refused_even_when_signed(tmp_path, sk, good, trusted):
         ({"text_emb.npy": npy_bytes(contents.text_emb[:, :3])}, r"bad array text_emb.npy: shape"),
         ({"adapter.npz": npz_bytes({k: v for k, v in lora.items() if not k.endswith("q_proj.B")})},
          r"bad array adapter.npz\[lora.0.q_proj.A\]: its pair lora.0.q_proj.B is missing"),
-        ({"adapter.npz": npz_bytes(dict(lora, **{"weird": lora["lora.0.q_proj.A"]}))},
+        ({"adapter.npz": npz_bytes(dict(lora, weird=lora["lora.0.q_proj.A"]))},
          r"bad array adapter.npz\[weird\]: name must look like"),
         ({"adapter.npz": b"PK not a zip"}, r"bad array adapter.npz: not an .npz"),
         ({"answers.json": b'["yes", "yes"]'}, r"bad member answers.json: has duplicate answers"),
@@ -428,7 +428,7 @@ def test_taskpack_md_matches_the_code():
     match = re.fullmatch(r"# Task pack format, schema version (\d+)", heading)
     assert match, heading
     assert int(match.group(1)) == P.PACK_SCHEMA_VERSION
-    table_fields = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, flags=re.M))
+    table_fields = set(re.findall(r"^\| `([a-z_0-9]+)` \|", doc, flags=re.MULTILINE))
     for field in REQUIRED_FIELDS:
         assert field in table_fields, f"manifest field {field} is not documented in TASKPACK.md"
     for member in (*P.REQUIRED_FILES, "answers.json", "golden/golden.json", P.MANIFEST, P.SIGNATURE):
