@@ -2,8 +2,8 @@
 
 Same world as the inspection stream (benches, rings, plates, cables, labels, loose hardware,
 plus simple coloured shapes and arrows), but not its tasks, and never its test phrasings:
-no generic text contains a stream test phrasing, or is contained in one, after
-normalisation (tests/test_data.py checks). The vocabulary covers every word of the stream's
+no generic text equals or contains a stream test phrasing after normalisation
+(tests/test_data.py checks). The vocabulary covers every word of the stream's
 phrasings, so the tokenizer and CLIP have seen them all.
 
     generic_instruction_samples(seed, n)  -> list[Sample]   image + generic question + short answer

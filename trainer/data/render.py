@@ -98,7 +98,7 @@ def place(bg: Image.Image, obj: Image.Image, angle: float, dx: float, dy: float,
     """Rotate `obj` (drawn around the canvas centre) by `angle` degrees counter-clockwise,
     move it by (dx, dy) output pixels and paste it with a soft shadow."""
     rot = obj.rotate(angle, resample=Image.BICUBIC, center=(C, C))
-    pos = (int(round(s(dx))), int(round(s(dy))))
+    pos = (round(s(dx)), round(s(dy)))
     if shadow > 0:
         alpha = rot.getchannel("A").filter(ImageFilter.GaussianBlur(s(1.3)))
         alpha = alpha.point(lambda a: int(a * shadow))

@@ -39,8 +39,12 @@ Every error names the file, the task (index and id) and the field.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport, a declared dependency there
+    import tomli as tomllib
 
 from kaizen.runtime.errors import ConfigError
 
