@@ -20,19 +20,42 @@ from .wrappers import ATTN_TARGETS
 def embed_prompt(model, base: Base, pixel_values: torch.Tensor, instructions: list[str],
                  prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (inputs_embeds, attention_mask); `prompt` [R, d] rows go right after BOS."""
+    feats = image_features(model, pixel_values)
+    return left_pad(request_rows(model, base, feats, instructions, prompt))
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower + projector: pixels [B,3,H,W] -> image rows [B, N, d_model]."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     feats = inner.model.get_image_features(pixel_values=pixel_values).pooler_output
-    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def request_rows(model, base: Base, image_feats: torch.Tensor, instructions: list[str],
+                 prompt=None) -> list[torch.Tensor]:
+    """One unpadded embedding row [L_b, d] per request, from precomputed image rows [B, N, d].
+
+    `prompt`: None, one [R, d] tensor for every request, or a list with one [R_b, d] tensor (or
+    None) per request (the trainer's per-sample selected prompts). Rows go right after BOS.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     table = inner.get_input_embeddings()
+    per_row = prompt if isinstance(prompt, (list, tuple)) else [prompt] * len(instructions)
     rows = []
     for b, text in enumerate(instructions):
         ids = torch.from_numpy(prompt_ids(base.tokenizer, base.spec, text))
         emb = table(ids)
         is_img = ids == base.spec.image_token_id
-        emb = emb.masked_scatter(is_img[:, None], feats[b].to(emb.dtype))
-        if prompt is not None and len(prompt):
-            emb = torch.cat([emb[:1], prompt.to(emb.dtype), emb[1:]], dim=0)
+        emb = emb.masked_scatter(is_img[:, None], image_feats[b].to(emb.dtype))
+        p = per_row[b]
+        if p is not None and len(p):
+            emb = torch.cat([emb[:1], p.to(emb.dtype), emb[1:]], dim=0)
         rows.append(emb)
+    return rows
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack rows [L_b, d] left padded with zeros -> (embeds [B, L, d], attention_mask [B, L])."""
     length = max(len(r) for r in rows)
     embeds = torch.zeros(len(rows), length, rows[0].shape[1], dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), length, dtype=torch.long)

@@ -65,8 +65,15 @@ class VisionWrapper(nn.Module):
         self.llava = llava
 
     def forward(self, pixel_values):
-        feats = self.llava.model.get_image_features(pixel_values=pixel_values).pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        # Same as LlavaModel.get_image_features for one feature layer, without its per-image
+        # list (which would pin the batch size in the exported graph).
+        cfg = self.llava.config
+        assert isinstance(cfg.vision_feature_layer, int), "multi-layer vision features are not supported"
+        out = self.llava.model.vision_tower(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.llava.model.multi_modal_projector(feats)
 
 
 class DecoderWrapper(nn.Module):

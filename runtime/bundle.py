@@ -21,6 +21,8 @@ from .errors import BundleError
 from .preprocess import PreprocessConfig
 from .prompting import PromptSpec
 
+ort.set_default_logger_severity(3)  # errors only: optional LoRA inputs make ORT warn on every load
+
 BUNDLE_SCHEMA_VERSION = 1
 BUNDLE_FILES = ("vision.onnx", "embed.npy", "decoder.onnx", "clip_image.onnx", "clip_text.onnx",
                 "tokenizer.json", "clip_tokenizer.json", "preprocess.json")

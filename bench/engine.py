@@ -1,0 +1,145 @@
+"""Benchmark: the ONNX Runtime engine vs the reference way (transformers + peft, eager torch).
+
+    .venv/bin/python bench/engine.py [--presets tiny-llama,small] [--parts 40] [--out reports/bench]
+
+Same base, same pack-like adapter (10-token soft prompt + rank-8 LoRA), same parts (image +
+instruction -> short greedy answer, 4 new tokens). Each path runs in its own fresh process so
+import time and peak RSS are its own. Prints a table and writes reports/bench/engine.json.
+`small` has a realistic shape but random weights (figures are for speed and memory only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTION = "Is the part damaged?"
+NEW_TOKENS = 4
+
+
+def _percentiles(xs):
+    import numpy as np
+
+    return {"p50_ms": float(np.percentile(xs, 50)), "p95_ms": float(np.percentile(xs, 95))}
+
+
+def run_path(path: str, base_dir: str, bundle_dir: str, parts: int, threads: int) -> dict:
+    t0 = time.perf_counter()
+    if path == "ort":
+        import numpy as np
+
+        from kaizen.runtime.bundle import Bundle
+        from kaizen.runtime.engine import Engine
+    else:
+        import numpy as np
+        import torch
+
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    import_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    meta = json.loads((Path(bundle_dir) / "base.json").read_text())
+    size = json.loads((Path(bundle_dir) / "preprocess.json").read_text())["vision"]["size"]
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(parts)]
+    prompt = (rng.standard_normal((10, meta["text"]["hidden_size"])) * 0.02).astype(np.float32)
+    lora = {k: (rng.standard_normal(v) * 0.02).astype(np.float32) for k, v in meta["lora"]["shapes"].items()}
+    if path == "ort":
+        import onnxruntime as ort
+
+        threads_ok = ort.get_available_providers()
+        eng = Engine(Bundle.open(bundle_dir, providers=["CPUExecutionProvider"], threads=threads))
+        run = lambda img: eng.generate([img], [INSTRUCTION], prompt, lora, NEW_TOKENS)[0].token_ids  # noqa: E731
+        del threads_ok
+    else:
+        from kaizen.export.loading import load_base
+        from kaizen.export.reference import apply_peft_lora, embed_prompt, torch_generate
+        from kaizen.runtime.preprocess import preprocess_batch
+
+        torch.set_num_threads(threads)
+        base = load_base(base_dir)
+        model = apply_peft_lora(base.model, lora, meta["lora"]["rank"], meta["lora"]["targets"])
+        p_t = torch.from_numpy(prompt)
+
+        def run(img):
+            with torch.no_grad():
+                px = torch.from_numpy(preprocess_batch([img], base.preprocess))
+                emb, mask = embed_prompt(model, base, px, [INSTRUCTION], p_t)
+                return torch_generate(model, base, emb, mask, NEW_TOKENS)[0]
+    for img in images[:3]:
+        run(img)  # warm-up
+    lat, toks = [], 0
+    for img in images:
+        t = time.perf_counter()
+        out = run(img)
+        lat.append((time.perf_counter() - t) * 1000)
+        toks += len(out)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": path, "import_s": import_s, **_percentiles(lat), "tokens_per_s": toks / (sum(lat) / 1000),
+            "peak_rss_mb": rss_mb, "parts": parts}
+
+
+def ensure_base(preset: str, work: Path) -> tuple[Path, Path]:
+    base, bundle = work / preset / "base", work / preset / "bundle"
+    if not (bundle / "base.json").exists():
+        from kaizen.export.base_export import export_bundle
+        from kaizen.trainer.bases import init_base
+
+        if not (base / "config.json").exists():
+            init_base(preset, base, seed=0)
+        export_bundle(base, bundle)
+    return base, bundle
+
+
+def child(path, base, bundle, parts, threads) -> dict:
+    cmd = [sys.executable, __file__, "--child", path, "--base", str(base), "--bundle", str(bundle),
+           "--parts", str(parts), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="tiny-llama,small")
+    ap.add_argument("--parts", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(ROOT / "cache" / "bench"))
+    ap.add_argument("--out", default=str(ROOT / "reports" / "bench"))
+    ap.add_argument("--child")
+    ap.add_argument("--base")
+    ap.add_argument("--bundle")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(run_path(a.child, a.base, a.bundle, a.parts, a.threads)))
+        return
+    rows = []
+    for preset in a.presets.split(","):
+        base, bundle = ensure_base(preset, Path(a.work))
+        torch_r = child("torch", base, bundle, a.parts, a.threads)
+        ort_r = child("ort", base, bundle, a.parts, a.threads)
+        rows.append({"preset": preset, "torch": torch_r, "ort": ort_r,
+                     "speedup_p50": torch_r["p50_ms"] / ort_r["p50_ms"],
+                     "import_ratio": torch_r["import_s"] / ort_r["import_s"],
+                     "rss_ratio": ort_r["peak_rss_mb"] / torch_r["peak_rss_mb"]})
+    print(f"| base | path | p50 ms | p95 ms | tokens/s | import s | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        for p in ("torch", "ort"):
+            x = r[p]
+            print(f"| {r['preset']} | {'transformers+peft' if p == 'torch' else 'kaizen engine (ORT)'} | "
+                  f"{x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['tokens_per_s']:.0f} | {x['import_s']:.2f} | "
+                  f"{x['peak_rss_mb']:.0f} |")
+    for r in rows:
+        print(f"{r['preset']}: engine {r['speedup_p50']:.1f}x faster per part (p50), imports "
+              f"{r['import_ratio']:.1f}x faster, uses {r['rss_ratio']:.2f}x the torch stack's peak RSS")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Base export: bundle layout, hashes, parity with transformers on both tiny bases, int8 option."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kaizen.export.base_export import export_bundle
+from kaizen.export.loading import load_base
+from kaizen.export.parity import compare, fixed_images
+from kaizen.export.reference import random_lora
+from kaizen.runtime.bundle import BUNDLE_FILES, Bundle, sha256_file
+from kaizen.runtime.engine import Engine
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-qwen2"])
+def exported(request):
+    return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+def test_bundle_has_every_file_with_its_hash(exported):
+    _, bundle = exported
+    meta = json.loads((bundle / "base.json").read_text())
+    assert set(meta["files"]) == set(BUNDLE_FILES)
+    for name, digest in meta["files"].items():
+        assert sha256_file(bundle / name) == digest
+    assert len(meta["fingerprint"]) == 64
+
+
+def test_decoder_lora_inputs_are_optional_with_zero_default(exported):
+    _, bundle = exported
+    b = Bundle.open(bundle)
+    sess = b.session("decoder.onnx")
+    required = {i.name for i in sess.get_inputs()}
+    optional = {i.name for i in sess.get_overridable_initializers()}
+    shapes = b.lora_shapes()
+    assert shapes and set(shapes) <= optional and not set(shapes) & required
+    assert {"inputs_embeds", "attention_mask", "position_ids", "past.0.key"} <= required
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "prompt+lora"])
+def test_engine_tokens_equal_transformers(exported, adapted):
+    base_dir, bundle = exported
+    base = load_base(base_dir)
+    eng = Engine(Bundle.open(bundle))
+    images = fixed_images(base.preprocess.size, seed=99)
+    prompt = lora = None
+    if adapted:
+        prompt = (np.random.default_rng(3).standard_normal((12, eng.embed.shape[1])) * 0.05).astype(np.float32)
+        lora = random_lora(eng.lora_shapes, seed=3, scale=0.1)
+    r = compare(base, eng, images, prompt, lora)
+    assert r["max_abs_diff_logits"] < 1e-3
+    assert r["ref_tokens"] == r["ort_tokens"]
+
+
+def test_lora_changes_the_output(tiny_llama):
+    """A LoRA fed as inputs must actually reach the decoder (zero default vs real weights)."""
+    eng = Engine(Bundle.open(tiny_llama[1]))
+    img = fixed_images(64, n=1)
+    e, m, p = eng.build_inputs(img, ["Is it damaged?"])
+    plain, _ = eng._run(e, m, p, eng._empty_past(1), {})
+    zero = {k: np.zeros(v, np.float32) for k, v in eng.lora_shapes.items()}
+    same, _ = eng._run(e, m, p, eng._empty_past(1), eng.lora_feeds(zero))
+    moved, _ = eng._run(e, m, p, eng._empty_past(1), eng.lora_feeds(random_lora(eng.lora_shapes, 1, 0.2)))
+    assert np.abs(plain - same).max() == 0
+    assert np.abs(plain - moved).max() > 1e-3
+
+
+def test_parity_report_written(tiny_llama):
+    rep = json.loads((tiny_llama[1] / "parity.json").read_text())
+    assert rep["tokens_equal"] and rep["max_abs_diff_logits"] < 1e-3
+
+
+def test_int8_weight_only_export(tiny_llama, tmp_path):
+    base_dir, fp32 = tiny_llama
+    meta = export_bundle(base_dir, tmp_path / "int8", precision="int8", log=lambda *_: None)
+    assert meta["precision"] == "int8"
+    assert meta["fingerprint"] == json.loads((fp32 / "base.json").read_text())["fingerprint"]
+    assert (tmp_path / "int8" / "decoder.onnx").stat().st_size < 0.65 * (fp32 / "decoder.onnx").stat().st_size
+    rep = json.loads((tmp_path / "int8" / "parity.json").read_text())
+    assert rep["max_abs_diff_logits"] < 0.5  # measured cost, recorded in parity.json
