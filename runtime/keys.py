@@ -206,7 +206,7 @@ def _write_pair(out_dir, name: str, secret_suffix: str, secret: bytes, public_su
     for path in (secret_path, public_path):
         path.unlink(missing_ok=True)
     write_synced(secret_path, secret, mode=0o600)
-    os.chmod(secret_path, 0o600)  # the umask may have narrowed it further, never widened it
+    os.chmod(secret_path, 0o600)  # exactly 0600 whatever the umask
     write_synced(public_path, public, mode=0o644)
     fsync_dir(out)
     return secret_path, public_path

@@ -56,7 +56,7 @@ def read_members(path: str | os.PathLike, limits: TarLimits = DEFAULT_LIMITS) ->
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(BLOCK)
-            if size > limits.max_total_bytes + 64 * BLOCK:
+            if size > limits.max_total_bytes + 2 * BLOCK * (limits.max_members + 16):  # data + headers
                 raise refuse(path, f"pack too large ({size} bytes, cap {limits.max_total_bytes})")
             if not _looks_like_tar(head):
                 raise refuse(path, "not a tar archive (a .kpk is an uncompressed tar; "
@@ -96,7 +96,8 @@ def _read_all(path: Path, f, size: int, limits: TarLimits) -> dict[str, bytes]:
     except tarfile.ReadError as err:
         raise refuse(path, f"truncated tar ({err})") from err
     if size < end + len(END_OF_ARCHIVE) or _read_at(f, end, len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-        raise refuse(path, "truncated tar (end-of-archive marker missing: the copy is incomplete)")
+        raise refuse(path, "truncated tar (no end-of-archive marker after the last member: "
+                           "the copy is incomplete or corrupt)")
     return members
 
 

@@ -156,6 +156,16 @@ def test_truncated_tar(tmp_path, good, trusted, cut):
     refused(short, trusted, "truncated tar")
 
 
+def test_corrupt_header_mid_archive(tmp_path, good, trusted):
+    data = bytearray(good.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:") as tf:
+        second = tf.getmembers()[1]
+    data[second.offset + 10] ^= 0xFF  # its header checksum no longer matches
+    bad = tmp_path / "corrupt.kpk"
+    bad.write_bytes(bytes(data))
+    refused(bad, trusted, "truncated tar .*incomplete or corrupt")
+
+
 def test_padding_after_end_marker_is_not_needed(tmp_path, good, trusted):
     data = good.read_bytes()
     short = tmp_path / "short.kpk"
