@@ -355,6 +355,13 @@ def test_key_rotation_two_trusted_keys_and_resign(tmp_path, sk):
     np.testing.assert_array_equal(after.prompt, before.prompt)
     with pytest.raises(PackError, match="signed by unknown key"):  # re-signing checks the old signature
         P.resign_pack(old_pack, tmp_path / "x.kpk", new, only_new)
+    unsigned = write_members(tmp_path / "unsigned.kpk",
+                             {n: d for n, d in members_of(old_pack).items() if n != P.SIGNATURE})
+    P.resign_pack(unsigned, unsigned, new, None)  # explicit: no old signature to check
+    assert P.verify_pack(unsigned, only_new).signing_key_id == K.key_id(new)
+    tampered = dict(members_of(old_pack), **{"key.npy": b"\x93NUMPY junk"})
+    with pytest.raises(PackError, match="tampered: member key.npy"):  # hashes are checked regardless
+        P.resign_pack(write_members(tmp_path / "t.kpk", tampered), tmp_path / "t2.kpk", new, None)
 
 
 def test_signing_key_files(tmp_path):

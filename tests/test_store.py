@@ -148,6 +148,7 @@ def test_rollback_and_its_limits(tmp_path, store, packs, trusted):
     store.close()
     with PackStore(store.root, trusted, FP) as again:  # rollback state survives a restart
         assert versions(again) == {"pick": 3}
+        assert again.install_report(packs[("pick", 3)]).status == "unchanged"
 
 
 def test_failed_probe_leaves_the_active_set_unchanged(store, packs):
