@@ -1,0 +1,119 @@
+"""ModalPrompt (arXiv 2410.05849): per-task prototype prompts chosen by dual-modality similarity.
+
+Per task t: a prompt P_t [P, d_model] (inserted after BOS) and a key k_t [d_clip], a plain
+learnable vector (d_clip parameters, not an MLP), initialised at the task's prototype (the
+normalised mean of its training queries). Query = the normalised CLIP image embedding and CLIP
+text embedding of the instruction;
+
+    score_t = a * cos(img, k_t) + (1 - a) * cos(txt, k_t),  a = 0.5
+
+Training task t: prompts = [P_t] + the k-1 best earlier ones by score (detached, frozen), loss =
+CE + (1 - cos(img, k_t)) + (1 - cos(txt, k_t)). Inference: the top-k of all seen tasks, fused by
+concatenation best first; the top-1 is the selected task (its answer set decides decoding).
+Every task's prompt trains, the last one included (the reference code's last prompt did not).
+
+`torch_scores` / `torch_top_k` are the torch twin of kaizen.runtime.selection (parity test).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kaizen.runtime.selection import ALPHA
+
+from .base import Method, Route, pack_arrays
+from .lora import count
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def torch_scores(q_img: torch.Tensor, q_txt: torch.Tensor, keys: torch.Tensor, alpha: float = ALPHA):
+    """[B, d] image queries, [B, d] text queries, [T, d] keys -> [B, T] (all normalised here)."""
+    k = _unit(keys.float())
+    return alpha * (_unit(q_img.float()) @ k.T) + (1.0 - alpha) * (_unit(q_txt.float()) @ k.T)
+
+
+def torch_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] indices best first; ties -> lower index (stable sort, as numpy's argsort(-s))."""
+    k = min(k, scores.shape[1])
+    return torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+
+
+class ModalPrompt(Method):
+    name = "modalprompt"
+    uses_selection = True
+    uses_lora = False
+    per_task_lora = False
+
+    def __init__(self, ctx, cfg):
+        super().__init__(ctx, cfg)
+        self.prompts = nn.ParameterList()
+        self.keys = nn.ParameterList()
+        self.adapters = nn.ModuleList()
+
+    def begin_task(self, task_index: int, task) -> None:
+        super().begin_task(task_index, task)
+        assert len(self.prompts) == task_index, "tasks must begin in stream order"
+        table = self.ctx.base.model.get_input_embeddings().weight
+        rows = torch.randint(0, table.shape[0], (self.cfg.prompt_tokens,), generator=self.generator(task_index))
+        self.prompts.append(nn.Parameter(table[rows].detach().clone().float()))
+        self.keys.append(nn.Parameter(self._prototype(task)))
+        if self.per_task_lora:
+            self.adapters.append(self.new_adapter(task_index))
+
+    def _prototype(self, task) -> torch.Tensor:
+        f = self.ctx.features.split(task, "train")
+        return _unit(_unit(f.clip_img.mean(0)) + _unit(f.clip_txt.mean(0))).clone()
+
+    def _train_prompts(self, batch, t: int) -> list[torch.Tensor]:
+        extra = self.cfg.top_k - 1
+        if t == 0 or extra == 0:
+            return [self.prompts[t]] * len(batch)
+        keys = torch.stack([self.keys[j] for j in range(t)]).detach()
+        best = torch_top_k(torch_scores(batch.clip_img, batch.clip_txt, keys, self.cfg.alpha), extra)
+        return [torch.cat([self.prompts[t]] + [self.prompts[j].detach() for j in row]) for row in best.tolist()]
+
+    def training_step(self, batch) -> torch.Tensor:
+        t = self.current
+        adapters = [self.adapters[t]] if self.per_task_lora else None
+        ce = self.loss_with(batch, self._train_prompts(batch, t), adapters)
+        key = _unit(self.keys[t])
+        key_loss = (1 - batch.clip_img @ key).mean() + (1 - batch.clip_txt @ key).mean()
+        return ce + key_loss
+
+    def route(self, batch) -> Route:
+        keys = torch.stack(list(self.keys)).detach()
+        scores = torch_scores(batch.clip_img, batch.clip_txt, keys, self.cfg.alpha)
+        best = torch_top_k(scores, self.cfg.top_k).tolist()
+        prompts = [torch.cat([self.prompts[j] for j in row]) for row in best]
+        selected = [row[0] for row in best]
+        adapter = list(selected) if self.per_task_lora else [None] * len(batch)
+        return Route(selected, prompts, adapter, scores)
+
+    def adapters_for(self, key):
+        return None if key is None else [self.adapters[key]]
+
+    def param_groups(self, task_index: int, lr: float) -> list[dict]:
+        t = task_index
+        groups = [{"params": [self.prompts[t], self.keys[t]], "lr": lr * self.cfg.prompt_lr_mult}]
+        if self.per_task_lora:
+            groups.append({"params": list(self.adapters[t].parameters()), "lr": lr})
+        return groups
+
+    def trainable_parameters(self, task_index: int) -> list[nn.Parameter]:
+        return [p for g in self.param_groups(task_index, 1.0) for p in g["params"]]
+
+    def param_counts(self, task_index: int) -> dict[str, int]:
+        t = task_index
+        out = {"prompt": self.prompts[t].numel(), "key": self.keys[t].numel()}
+        if self.per_task_lora:
+            out["lora"] = count(self.adapters[t].parameters())
+        return out
+
+    def state_for_pack(self, task_id: str) -> dict:
+        t = self.task_index_of(task_id)
+        lora = self.adapters[t].arrays() if self.per_task_lora else None
+        return pack_arrays(self.prompts[t], self.keys[t], lora)
