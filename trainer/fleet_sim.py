@@ -218,3 +218,32 @@ def run_fleet(n_stations: int, packs: list[Path], trusted: TrustedKeys, *, base_
         fleet.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+def make_test_packs(folder: Path, signing_key, tasks: list[tuple[str, int]], *, base_fingerprint: str,
+                    layers: int = 8) -> list[Path]:
+    """Signed packs of random arrays, about 35 KB x `layers` each (several chunks at 32 KiB)."""
+    from kaizen.runtime.testpacks import write_test_pack
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (task, version) in enumerate(tasks):
+        path = folder / f"{task}-{version}.kpk"
+        write_test_pack(path, task, version, signing_key, base_fingerprint=base_fingerprint, seed=100 + i,
+                        array_kwargs=dict(d_model=256, rank=8, layers=layers))
+        out.append(path)
+    return out
+
+
+def write_hub_toml(fleet: Fleet, path: Path) -> Path:
+    """The fleet's hub config as a hub.toml (for the CLI commands)."""
+    c = fleet.hub_config
+    lines = [f'bind = "{c.bind}"', f'pub_bind = "{c.pub_bind}"', f'public_key_file = "{c.public_key_file}"',
+             f'secret_key_file = "{c.secret_key_file}"', f'packs_dir = "{c.packs_dir}"', f'db_path = "{c.db_path}"',
+             f"chunk_size = {c.chunk_size}"]
+    for st in c.stations:
+        lines += ["", "[[stations]]", f'id = "{st.id}"', f'public_key_file = "{st.public_key_file}"',
+                  f"groups = {list(st.groups)!r}".replace("'", '"')]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
