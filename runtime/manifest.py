@@ -93,10 +93,8 @@ class Manifest:
 
     def _check_created_at(self) -> None:
         try:
-            if not isinstance(self.created_at, str):
-                raise ValueError
             datetime.fromisoformat(self.created_at)
-        except ValueError:
+        except (TypeError, ValueError):
             raise ManifestFieldError("created_at", f"must be an ISO 8601 time string, "
                                      f"got {self.created_at!r}") from None
 

@@ -98,13 +98,14 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
     prompt_tokens and lora_rank default to what the arrays say; passing them checks the arrays.
     """
     lora = dict(lora)
-    fields_ = dict(
-        schema_version=PACK_SCHEMA_VERSION, task_id=task_id, version=version, method=method,
-        base_fingerprint=base_fingerprint, min_runtime_version=min_runtime_version,
-        prompt_tokens=_shape0(prompt) if prompt_tokens is None else prompt_tokens,
-        lora_rank=_infer_rank(lora) if lora_rank is None else lora_rank,
-        created_at=created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        instructions=list(instructions), metrics=dict(metrics or {}))
+    fields_ = {
+        "schema_version": PACK_SCHEMA_VERSION, "task_id": task_id, "version": version, "method": method,
+        "base_fingerprint": base_fingerprint, "min_runtime_version": min_runtime_version,
+        "prompt_tokens": _shape0(prompt) if prompt_tokens is None else prompt_tokens,
+        "lora_rank": _infer_rank(lora) if lora_rank is None else lora_rank,
+        "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "instructions": list(instructions), "metrics": dict(metrics or {}),
+    }
     try:
         draft = Manifest(**fields_, sha256={"prompt.npy": "0" * 64}, signing_key_id="0" * 16)
         check_arrays(draft, prompt, key, text_emb, lora)

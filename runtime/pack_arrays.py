@@ -52,7 +52,7 @@ def load_npy(name: str, data: bytes) -> np.ndarray:
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{name}: not a readable .npy array without pickle ({err})") from None
     if not isinstance(array, np.ndarray):
-        raise ValueError(f"{name}: not a .npy array")
+        raise ValueError(f"{name}: not a .npy array")  # noqa: TRY004 - refusal reasons are ValueErrors
     return array
 
 
@@ -77,7 +77,7 @@ def load_npz(name: str, data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
 def check_array(name: str, array: Any, ndim: int, shape: tuple[int | None, ...] | None = None) -> None:
     """float32, `ndim` dimensions, the given sizes (None = any), and every value finite."""
     if not isinstance(array, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy array, got {type(array).__name__}")
+        raise ValueError(f"{name}: expected a numpy array, got {type(array).__name__}")  # noqa: TRY004
     if array.dtype != np.float32:
         raise ValueError(f"{name}: dtype {array.dtype}, expected float32")
     if array.ndim != ndim:
@@ -159,7 +159,7 @@ def load_golden(members: dict[str, bytes]) -> list[GoldenSample]:
 def _parse_golden(members: dict[str, bytes]) -> list[GoldenSample]:
     entries = _json("golden/golden.json", members["golden/golden.json"])
     if not isinstance(entries, list):
-        raise ValueError("golden/golden.json: must be a list of {image, instruction, answer}")
+        raise ValueError("golden/golden.json: must be a list of {image, instruction, answer}")  # noqa: TRY004
     samples, used = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"image", "instruction", "answer"}:

@@ -232,7 +232,7 @@ class PackStore:
         """Release the store's lock file (the in-memory snapshot stays readable)."""
         self._file_lock.release()
 
-    def __enter__(self) -> PackStore:
+    def __enter__(self) -> PackStore:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

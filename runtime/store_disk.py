@@ -44,7 +44,7 @@ class StoreLock:
 
     def __init__(self, root: Path):
         self.path = root / ".lock"
-        self._file = open(self.path, "a+b")
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - held open for the store's lifetime
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
