@@ -1,8 +1,10 @@
 """Accelerate/DDP glue: the same training loop on one process or under `accelerate launch`.
 
-    accelerate launch --cpu --num_processes 2 -m kaizen.runtime.cli train --method kaizen ...
+    accelerate launch --multi_gpu --num_processes 2 -m kaizen.runtime.cli train --method kaizen ...
+    torchrun --nproc_per_node 2 -m kaizen.runtime.cli train ...          # the same, without accelerate
 
-With WORLD_SIZE > 1 (set by accelerate launch or torchrun) an `accelerate.Accelerator` sets up
+(On a machine without CUDA, `--multi_gpu` is what makes accelerate start N processes; with
+`--cpu` alone it starts one, and its MULTI_CPU mode needs mpirun.) With WORLD_SIZE > 1 an `accelerate.Accelerator` sets up
 the process group (gloo on CPU) and wraps the method (an nn.Module whose forward is its
 training step) in DDP plus its optimizer, once per task (the trainable set changes per task).
 Every global batch is split into equal contiguous shards, one per process, so the averaged

@@ -218,6 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if (session.run / ck.RUN_JSON).exists() and not resume:
         raise ConfigError(f"{session.run} already holds a run; pass --resume to continue it or choose another --out")
     done = session.resume_state() if resume and (session.run / ck.RUN_JSON).exists() else 0
+    session.state["world_size"] = dist.world
     _seed_all(cfg.seed)
     method = session.restore(done - 1) if done else session.new_method()
     rows = list(session.state["rows"])
