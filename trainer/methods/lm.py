@@ -43,11 +43,17 @@ def with_answers(base, image, instructions, prompts, answers: list[str]):
 
 
 def answer_loss(base, image, instructions, prompts, answers) -> torch.Tensor:
-    """Mean next-token cross-entropy over the answer tokens (+EOS)."""
+    """Cross-entropy of the answer tokens (+EOS): mean per sample, then over samples.
+
+    Every sample weighs the same whatever its answer's length, so the mean over equal shards of
+    a batch (DDP) is exactly the mean over the batch.
+    """
     embeds, mask, labels = with_answers(base, image, instructions, prompts, answers)
     logits = _forward(base, embeds, mask)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    tgt = labels[:, 1:]
+    per_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+    counts = (tgt != -100).sum(dim=1).clamp_min(1)
+    return (per_tok.sum(dim=1) / counts).mean()
 
 
 @torch.no_grad()
