@@ -143,7 +143,7 @@ def pretrain(base_dir, steps: int = 600, clip_steps: int = 600, batch: int = 32,
     t0 = time.perf_counter()
     before = heldout_vlm_accuracy(base, held)
     vlm_losses = train_loop(base.model, lambda s: vlm_loss(base, s),
-                            lambda _: [train[j] for j in rng.choice(len(train), batch, replace=False)],
+                            lambda _: ([train[j] for j in rng.choice(len(train), batch, replace=False)],),
                             steps, lr, "pretrain base")
     after = heldout_vlm_accuracy(base, held)
     clip_before = heldout_clip_accuracy(clip, held_pairs)

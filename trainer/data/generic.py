@@ -91,10 +91,14 @@ def render_shapes(rng: np.random.Generator, p: dict) -> np.ndarray:
     r = R.u(rng, 9, 13) if n == 1 else R.u(rng, 4.5, 6.0)
     room = 32 - r * 1.4 - 2
     pts: list[tuple[float, float]] = []
-    for _ in range(500):
-        q = (32 + R.u(rng, -room, room), 32 + R.u(rng, -room, room))
-        if all(math.dist(q, o) > r * 3.2 for o in pts):
-            pts.append(q)
+    for spacing in (3.2, 2.8, 2.4, 2.1):  # rejection sampling; relax the gap if a draw is crowded
+        pts = []
+        for _ in range(500):
+            q = (32 + R.u(rng, -room, room), 32 + R.u(rng, -room, room))
+            if all(math.dist(q, o) > r * spacing for o in pts):
+                pts.append(q)
+            if len(pts) == n:
+                break
         if len(pts) == n:
             break
     assert len(pts) == n, "shape placement failed"

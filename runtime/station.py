@@ -1,0 +1,184 @@
+"""The Station: a frozen ONNX base + a store of task packs, answering image + instruction.
+
+    st = Station("bundles/tiny-llama", "station/store", TrustedKeys.from_dir("keys/trusted"))
+    st.install("seal_defect-3.kpk")          # verify, warm up, golden probe, atomic switch
+    st.infer(png_bytes, "Is the seal torn?")  # -> dict(answer, task_id, pack_version, scores, ...)
+
+Selection is ModalPrompt's: CLIP image + instruction embeddings scored against every installed
+pack's key (runtime/selection.py); the top-k packs' prompts are concatenated best first, the
+top-1 pack's LoRA and closed answer set are used. Below `threshold` the station answers
+"no task matches" instead of guessing. Requests read one immutable snapshot of the installed
+set, so an install or rollback never changes a request in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import RUNTIME_VERSION
+from .bundle import Bundle
+from .engine import Engine
+from .errors import InputError, PackError
+from .keys import TrustedKeys
+from .preprocess import load_rgb
+from .prompting import check_instruction
+from .selection import ALPHA, normalise, scores, top_k
+from .store import PackStore
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The installed set as one immutable value (swapped by reference)."""
+
+    packs: tuple  # LoadedPack, sorted by task id
+    keys: np.ndarray  # [T, d_clip]
+    known_text: dict = field(default_factory=dict)  # instruction -> CLIP text embedding from packs
+
+
+def _snapshot(active) -> _Snapshot:
+    packs = tuple(active[t] for t in sorted(active))
+    keys = np.stack([p.key for p in packs]) if packs else np.zeros((0, 1), np.float32)
+    known = {}
+    for p in packs:
+        for instr, emb in zip(p.manifest.instructions, p.text_emb):
+            known.setdefault(instr.strip(), np.asarray(emb, np.float32))
+    return _Snapshot(packs, keys, known)
+
+
+class Station:
+    def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
+                 top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
+                 max_new_tokens: int = 16, probe_golden: bool = True):
+        self.bundle = Bundle.open(bundle_dir, providers=providers, threads=threads)
+        self.engine = Engine(self.bundle)
+        self.store = PackStore(store_root, trusted_keys, self.bundle.fingerprint, RUNTIME_VERSION)
+        self.threshold, self.top_k, self.alpha = threshold, top_k, alpha
+        self.max_new_tokens, self.probe_golden = max_new_tokens, probe_golden
+        self._lock = threading.Lock()
+        self._snap = _snapshot(self.store.active())
+        self.started_at = time.time()
+
+    # --- pack management -------------------------------------------------------------------------
+    def install(self, kpk_path):
+        with self._lock:
+            manifest = self.store.install(kpk_path, probe=self._probe)
+            self._snap = _snapshot(self.store.active())
+        return manifest
+
+    def rollback(self, task_id: str):
+        with self._lock:
+            manifest = self.store.rollback(task_id)
+            self._snap = _snapshot(self.store.active())
+        return manifest
+
+    def installed(self) -> list[dict]:
+        return [{"task_id": p.manifest.task_id, "version": p.manifest.version} for p in self._snap.packs]
+
+    def _probe(self, contents) -> None:
+        """Warm up with the new pack and check its golden samples before it can go live."""
+        lora = dict(contents.lora)
+        samples = list(contents.golden)
+        if not samples:
+            warm = np.zeros((self.engine.vision_pre.size,) * 2 + (3,), np.uint8)
+            self._answer([warm], [contents.manifest.instructions[0]], contents.prompt, lora, contents.answers)
+            return
+        images = [s.image for s in samples]
+        got = self._answer(images, [s.instruction for s in samples], contents.prompt, lora, contents.answers)
+        wrong = [(s.answer, g[0]) for s, g in zip(samples, got) if g[0].strip().lower() != s.answer.strip().lower()]
+        if self.probe_golden and wrong:
+            raise PackError(f"golden probe failed for {contents.manifest.task_id} v{contents.manifest.version}: "
+                            f"{len(wrong)} of {len(samples)} wrong (expected/got {wrong[:3]}); "
+                            "the pack does not work on this base, retrain or re-export it")
+
+    # --- inference -------------------------------------------------------------------------------
+    def _answer(self, images, instructions, prompt, lora, answers):
+        if answers:
+            return [(s.answer, s.confidence) for s in
+                    self.engine.score_answers(images, instructions, list(answers), prompt, lora)]
+        return [(g.text, g.confidence) for g in
+                self.engine.generate(images, instructions, prompt, lora, self.max_new_tokens)]
+
+    def _text_queries(self, snap: _Snapshot, instructions: list[str]) -> np.ndarray:
+        out = [None] * len(instructions)
+        todo = [i for i, t in enumerate(instructions) if t not in snap.known_text]
+        for i, t in enumerate(instructions):
+            if t in snap.known_text:
+                out[i] = snap.known_text[t]
+        if todo:
+            embs = self.engine.clip_text([instructions[i] for i in todo])
+            for i, e in zip(todo, embs):
+                out[i] = e
+        return normalise(np.stack(out))
+
+    def infer(self, image, instruction: str, task: str | None = None) -> dict:
+        return self.infer_batch([image], [instruction], [task])[0]
+
+    def infer_batch(self, images, instructions, tasks=None) -> list[dict]:
+        """Answer several parts; parts that select the same packs are decoded as one batch."""
+        t0 = time.perf_counter()
+        snap = self._snap
+        n = len(images)
+        tasks = list(tasks or [None] * n)
+        if not (len(instructions) == n == len(tasks)) or n == 0:
+            raise InputError(f"need as many instructions and tasks as images (got {n}, {len(instructions)}, {len(tasks)})")
+        instructions = [check_instruction(t) for t in instructions]
+        rgb = [load_rgb(im) for im in images]
+        if not snap.packs:
+            return [self._no_match([], "no task packs are installed") for _ in range(n)]
+        t1 = time.perf_counter()
+        s = scores(self.engine.clip_image(rgb), self._text_queries(snap, instructions), snap.keys, self.alpha)
+        order = top_k(s, self.top_k)
+        t2 = time.perf_counter()
+        names = [p.manifest.task_id for p in snap.packs]
+        groups: dict[tuple, list[int]] = {}
+        results: list[dict | None] = [None] * n
+        for b in range(n):
+            chosen = list(order[b])
+            if tasks[b] is not None:
+                if tasks[b] not in names:
+                    raise InputError(f"task {tasks[b]!r} is not installed here (installed: {names})")
+                forced = names.index(tasks[b])
+                chosen = [forced] + [i for i in chosen if i != forced][: self.top_k - 1]
+            elif s[b, chosen[0]] < self.threshold:
+                results[b] = self._no_match(self._scores(names, s[b]), f"best score {s[b, chosen[0]]:.3f} is below "
+                                            f"the threshold {self.threshold}")
+                continue
+            groups.setdefault(tuple(chosen), []).append(b)
+        for chosen, rows in groups.items():
+            packs = [snap.packs[i] for i in chosen]
+            prompt = np.concatenate([p.prompt for p in packs], axis=0)
+            top = packs[0]
+            got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, dict(top.lora),
+                               top.answers)
+            for b, (answer, conf) in zip(rows, got):
+                results[b] = {"status": "ok", "answer": answer, "task_id": top.manifest.task_id,
+                              "pack_version": top.manifest.version, "selected": [p.manifest.task_id for p in packs],
+                              "scores": self._scores(names, s[b]), "confidence": conf}
+        t3 = time.perf_counter()
+        timing = {"preprocess_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3,
+                  "total_ms": (t3 - t0) * 1e3, "batch": n}
+        for r in results:
+            r["timings_ms"] = timing
+        return results
+
+    @staticmethod
+    def _scores(names, row) -> dict[str, float]:
+        return {name: round(float(v), 6) for name, v in zip(names, row)}
+
+    @staticmethod
+    def _no_match(scores: dict, why: str) -> dict:
+        return {"status": "no_match", "answer": None, "task_id": None, "pack_version": None, "selected": [],
+                "scores": scores, "confidence": 0.0, "detail": f"no task matches: {why}"}
+
+    def status(self) -> dict:
+        return {"runtime_version": RUNTIME_VERSION, "base_fingerprint": self.bundle.fingerprint,
+                "providers": self.bundle.providers, "packs": self.store.list(), "threshold": self.threshold,
+                "top_k": self.top_k, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def close(self) -> None:
+        self.store.close()

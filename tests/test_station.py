@@ -1,0 +1,170 @@
+"""The Station: install with probe, dual-modality selection, no-match, explicit task, batching,
+threads while packs install and roll back."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from kaizen.export.parity import fixed_images
+from kaizen.runtime.bundle import Bundle
+from kaizen.runtime.engine import Engine
+from kaizen.runtime.errors import InputError, PackError
+from kaizen.runtime.keys import TrustedKeys, generate_signing_key
+from kaizen.runtime.pack import build_pack
+from kaizen.runtime.pack_arrays import GoldenSample
+from kaizen.runtime.preprocess import load_rgb
+from kaizen.runtime.station import Station
+from kaizen.runtime.testpacks import tiny_png
+
+ANSWERS = ["yes", "no", "three"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return Engine(Bundle.open(tiny_llama[1]))
+
+
+@pytest.fixture(scope="module")
+def signer():
+    return generate_signing_key()
+
+
+def make_pack(path, engine, signer, task_id, version, image, instruction, seed, wrong_golden=False, rank=4):
+    """A pack whose key points at (image, instruction) and whose golden answer is what it answers."""
+    rng = np.random.default_rng(seed)
+    key = engine.clip_image([image])[0] + engine.clip_text([instruction])[0]
+    key = (key / np.linalg.norm(key)).astype(np.float32)
+    prompt = (rng.standard_normal((4, engine.embed.shape[1])) * 0.5).astype(np.float32)
+    lora = {}
+    for name, shape in engine.lora_shapes.items():
+        shp = (rank, shape[1]) if name.endswith(".A") else (shape[0], rank)
+        lora[name] = (rng.standard_normal(shp) * 0.3).astype(np.float32)
+    png = tiny_png(seed * 40)
+    golden_answer = engine.score_answers([png], [instruction], ANSWERS, prompt, lora)[0].answer
+    if wrong_golden:
+        golden_answer = next(a for a in ANSWERS if a != golden_answer)
+    return build_pack(path, task_id=task_id, version=version, method="kaizen",
+                      base_fingerprint=engine.bundle.fingerprint, prompt=prompt, key=key,
+                      text_emb=engine.clip_text([instruction]), lora=lora, instructions=[instruction],
+                      answers=ANSWERS, golden=[GoldenSample(png, instruction, golden_answer)],
+                      metrics={"accuracy": 100.0}, signing_key=signer, lora_rank=rank)
+
+
+@pytest.fixture
+def station(tiny_llama, tmp_path, engine, signer):
+    imgs = fixed_images(64, n=3, seed=5)
+    st = Station(tiny_llama[1], tmp_path / "store", TrustedKeys([signer.public_key()]), threshold=0.5, top_k=2)
+    tasks = [("seal", "Is the seal torn?"), ("holes", "How many holes are there?"), ("cable", "What colour is it?")]
+    for i, (task, instr) in enumerate(tasks):
+        make_pack(tmp_path / f"{task}-1.kpk", engine, signer, task, 1, imgs[i], instr, seed=i + 1)
+        st.install(tmp_path / f"{task}-1.kpk")
+    st.test_inputs = list(zip(imgs, [t[1] for t in tasks], [t[0] for t in tasks]))
+    yield st
+    st.close()
+
+
+def test_selection_picks_the_matching_pack(station):
+    for img, instr, task in station.test_inputs:
+        r = station.infer(img, instr)
+        assert r["status"] == "ok" and r["task_id"] == task and r["pack_version"] == 1
+        assert r["answer"] in ANSWERS and 0 < r["confidence"] <= 1
+        assert max(r["scores"], key=r["scores"].get) == task
+        assert r["selected"][0] == task and len(r["selected"]) == 2
+        assert r["timings_ms"]["total_ms"] > 0
+
+
+def test_station_answer_equals_engine_with_the_same_pack(station, engine):
+    img, instr, task = station.test_inputs[1]
+    r = station.infer(img, instr)
+    snap = {p.manifest.task_id: p for p in station._snap.packs}
+    packs = [snap[t] for t in r["selected"]]
+    want = engine.score_answers([load_rgb(img)], [instr], ANSWERS, np.concatenate([p.prompt for p in packs]),
+                                dict(packs[0].lora))[0]
+    assert r["answer"] == want.answer and abs(r["confidence"] - want.confidence) < 1e-6
+
+
+def test_below_threshold_says_no_task_matches(station):
+    station.threshold = 0.999
+    r = station.infer(fixed_images(64, n=1, seed=77)[0], "Completely unrelated question about the weather?")
+    assert r["status"] == "no_match" and r["answer"] is None and "no task matches" in r["detail"]
+
+
+def test_explicit_task_bypasses_selection(station):
+    img, instr, _ = station.test_inputs[0]
+    r = station.infer(img, instr, task="cable")
+    assert r["task_id"] == "cable" and r["selected"][0] == "cable"
+    with pytest.raises(InputError, match="not installed"):
+        station.infer(img, instr, task="nope")
+
+
+def test_batch_grouped_by_pack_equals_single_requests(station):
+    imgs, instrs, _ = zip(*station.test_inputs)
+    batch = station.infer_batch(list(imgs) * 2, list(instrs) * 2)
+    single = [station.infer(i, t) for i, t in zip(list(imgs) * 2, list(instrs) * 2)]
+    assert [(b["task_id"], b["answer"]) for b in batch] == [(s["task_id"], s["answer"]) for s in single]
+    for b, s in zip(batch, single):
+        assert abs(b["confidence"] - s["confidence"]) < 1e-5
+
+
+def test_failed_golden_probe_refuses_and_keeps_active_set(station, engine, signer, tmp_path):
+    img, instr, _ = station.test_inputs[0]
+    right = station.infer(img, instr, task="seal")
+    make_pack(tmp_path / "seal-2.kpk", engine, signer, "seal", 2, img, instr, seed=9, wrong_golden=True)
+    before = station.installed()
+    with pytest.raises(PackError, match="golden probe failed"):
+        station.install(tmp_path / "seal-2.kpk")
+    assert station.installed() == before
+    assert station.infer(img, instr, task="seal")["answer"] == right["answer"]
+
+
+def test_pack_for_another_base_is_refused(station, signer, tmp_path):
+    from kaizen.runtime.testpacks import write_test_pack
+
+    write_test_pack(tmp_path / "other-1.kpk", "other", 1, signer, base_fingerprint="0" * 64)
+    with pytest.raises(PackError, match="base"):
+        station.install(tmp_path / "other-1.kpk")
+    assert "other" not in [p["task_id"] for p in station.installed()]
+
+
+def test_no_packs_installed(tiny_llama, tmp_path, signer):
+    st = Station(tiny_llama[1], tmp_path / "empty", TrustedKeys([signer.public_key()]))
+    r = st.infer(fixed_images(64, n=1)[0], "Is it damaged?")
+    assert r["status"] == "no_match" and "no task packs" in r["detail"]
+    st.close()
+
+
+def test_bad_requests_are_input_errors(station):
+    with pytest.raises(InputError):
+        station.infer(b"not an image", "Is the seal torn?")
+    with pytest.raises(InputError):
+        station.infer(station.test_inputs[0][0], "   ")
+
+
+def test_threads_infer_while_packs_install_and_roll_back(station, engine, signer, tmp_path):
+    img, instr, task = station.test_inputs[1]
+    for v in (2, 3):
+        make_pack(tmp_path / f"{task}-{v}.kpk", engine, signer, task, v, img, instr, seed=10 + v)
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                r = station.infer(img, instr)
+                seen.append((r["task_id"], r["pack_version"]))
+            except Exception as err:  # noqa: BLE001 - any failure is the test's finding
+                errors.append(err)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    station.install(tmp_path / f"{task}-2.kpk")
+    station.install(tmp_path / f"{task}-3.kpk")
+    station.rollback(task)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and seen
+    assert {v for t, v in seen if t == task} <= {1, 2, 3}
+    assert station.infer(img, instr)["pack_version"] == 2
