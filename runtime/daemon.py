@@ -30,7 +30,7 @@ from typing import Callable
 import zmq
 
 from . import RUNTIME_VERSION
-from .daemon_state import DaemonMemory, installed_of
+from .daemon_state import DaemonMemory, base_fingerprint_of, installed_of
 from .durable import fsync_dir
 from .errors import KaizenError
 from .fetcher import Transfer
@@ -371,14 +371,15 @@ def cli_serve(argv: list[str]) -> int:
     server = InferenceServer(station, cfg.inference_endpoint).start()
     print(f"station {cfg.station_id}: inference on {server.endpoint}; hub {cfg.hub_endpoint}", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         if args.no_hub:
             while not stop.wait(1.0):
                 pass
         else:
-            fingerprint = str(getattr(station, "base_fingerprint", "") or "")
-            StationDaemon(FleetLink.from_config(cfg, fingerprint), station).run(stop)
+            link = FleetLink.from_config(cfg, base_fingerprint_of(station))
+            StationDaemon(link, station, serving=lambda: True).run(stop)
     except KeyboardInterrupt:
         pass
     finally:

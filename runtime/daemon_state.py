@@ -4,6 +4,7 @@
     memory.mark_activated(sha256, name)      # reported activated once: never again
     memory.mark_skip(sha256, reason)         # rejected or rolled back here: do not fetch it again
     installed_of(store_or_station)           # -> [{"task_id", "version"}]
+    base_fingerprint_of(store_or_station)    # -> the base it serves (for hello)
     station_from_config(cfg)                 # the Station `kaizen station serve` runs
 """
 
@@ -49,6 +50,12 @@ def installed_of(installer) -> list[dict]:
         return [{"task_id": str(i["task_id"]), "version": int(i["version"])} for i in items]
     active = installer.active()
     return [{"task_id": task, "version": int(p.manifest.version)} for task, p in sorted(active.items())]
+
+
+def base_fingerprint_of(installer) -> str:
+    """The base fingerprint a Station (bundle.fingerprint) or a PackStore (base_fingerprint) serves."""
+    bundle = getattr(installer, "bundle", None)
+    return str(getattr(bundle, "fingerprint", "") or getattr(installer, "base_fingerprint", "") or "")
 
 
 def station_from_config(cfg):

@@ -111,9 +111,11 @@ class Hub:
             self.ready.set()
             self._loop(stop, db, router, pub)
         finally:
+            # a stop fault models a crash right after the last chunk left: let those chunks go out
+            linger = 2000 if self.stopped_by_fault else 0
             for sock in (router, pub):
                 if sock is not None:
-                    sock.close(linger=0)
+                    sock.close(linger=linger)
             auth.stop()
             db.close()
             ctx.term()
@@ -249,7 +251,8 @@ def cli_serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     hub = Hub(load_hub_config(args.config))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"hub serving on {hub.config.bind} (announce {hub.config.pub_bind}), "
           f"{len(hub.config.stations)} allow-listed stations", flush=True)
     try:
