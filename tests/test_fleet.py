@@ -227,3 +227,97 @@ def test_replayed_and_reordered_chunks_and_reports_do_no_harm(fleet, packs, tmp_
         ctx.destroy(linger=0)
     assert [a.msg_type for a in acks] == ["ack"] * 4
     assert states(fleet, sid) == {"pick-1.kpk": "activated"}
+
+
+FAKE_STATION = """
+import sys
+from kaizen.runtime import daemon_state
+from kaizen.runtime.keys import TrustedKeys
+from kaizen.runtime.store import PackStore
+
+class FakeStation:  # a Station without an ONNX bundle: same install/installed/infer/status surface
+    def __init__(self, cfg):
+        self.store = PackStore(cfg.store_dir, TrustedKeys.from_dir(cfg.trusted_keys_dir), "%s")
+        self.base_fingerprint = "%s"
+    def install(self, path):
+        return self.store.install(path)
+    def installed(self):
+        return [{"task_id": t, "version": p.manifest.version} for t, p in self.store.active().items()]
+    def infer(self, image, instruction, task=None):
+        return {"answer": "fake"}
+    def status(self):
+        return {"packs": self.installed()}
+
+daemon_state.station_from_config = FakeStation
+from kaizen.runtime.cli import main
+sys.exit(main(["station", "serve", "--config", sys.argv[1]]))
+""" % (FP, FP)
+
+
+def test_cli_hub_serve_and_station_serve_processes(fleet, packs, signing_key, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kaizen.runtime.endpoint import InferenceClient
+    from kaizen.runtime.keys import save_signing_key
+
+    save_signing_key(signing_key, tmp_path / "trusted", "trainer")
+    hub_toml = write_hub_toml(fleet, tmp_path / "hub.toml")
+    keys = fleet.root / "keys"
+    infer_ep = f"ipc://{tmp_path}/station.ipc"
+    (tmp_path / "station.toml").write_text(f"""
+station_id = "{fleet.station_ids[0]}"
+hub_endpoint = "{fleet.hub_config.bind}"
+hub_announce_endpoint = "{fleet.hub_config.pub_bind}"
+hub_public_key_file = "{keys / 'hub.pub'}"
+public_key_file = "{keys / 'station0.pub'}"
+secret_key_file = "{keys / 'station0.key'}"
+bundle_dir = "bundle"
+store_dir = "store"
+trusted_keys_dir = "trusted"
+state_dir = "fleet-state"
+inference_endpoint = "{infer_ep}"
+heartbeat_s = 0.2
+hub_timeout_s = 2.0
+""")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    hub = subprocess.Popen([sys.executable, "-m", "kaizen.runtime.cli", "hub", "serve", "--config", str(hub_toml)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    station = subprocess.Popen([sys.executable, "-c", FAKE_STATION, str(tmp_path / "station.toml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert hub_cli.cli_publish([str(packs[1]), "--to", "line1/s00", "--config", str(hub_toml)]) == 0
+        assert wait_until(lambda: states(fleet, fleet.station_ids[0]) == {"count-1.kpk": "activated"}, WAIT)
+        with InferenceClient(infer_ep, timeout_ms=5000) as client:
+            assert client.status()["station"]["packs"] == [{"task_id": "count", "version": 1}]
+        assert hub_cli.cli_status(["--config", str(hub_toml)]) == 0
+        assert "count-1.kpk: activated" in capsys.readouterr().out
+    finally:
+        for proc in (station, hub):
+            proc.send_signal(signal.SIGTERM)
+        outs = []
+        for proc in (station, hub):
+            try:
+                outs.append(proc.communicate(timeout=20)[0])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                outs.append(proc.communicate(timeout=10)[0])
+    assert station.returncode == 0 and hub.returncode == 0, outs
+    assert "hub serving on" in outs[1] and "inference on" in outs[0]
+
+
+def test_local_rollback_is_reported_and_not_undone(fleet, packs):
+    fleet.start_hub()
+    fleet.publish(packs[0], "line1/s00")
+    daemon = fleet.start_station(0)
+    assert wait_until(lambda: fleet.installed(0) == {"pick": 1}, WAIT)
+    fleet.publish(packs[2], "line1/s00")
+    assert wait_until(lambda: fleet.installed(0) == {"pick": 2}, WAIT)
+    fleet.store(0).rollback("pick")                  # an operator rolls the station back
+    sid = fleet.station_ids[0]
+    assert wait_until(lambda: states(fleet, sid).get("pick-2.kpk") == "rolled_back", WAIT)
+    wait_until(lambda: False, 1.0)                   # more heartbeats and desired_states...
+    assert fleet.installed(0) == {"pick": 1}         # ...do not re-install v2 behind its back
+    assert daemon.stats.resumed_from == [("pick-1.kpk", 0), ("pick-2.kpk", 0)]

@@ -153,7 +153,8 @@ def _check_fleet(result, n_stations, names):
     assert len(result.status) == n_stations
     for row in result.status:
         assert {n: p["state"] for n, p in row["packs"].items()} == {n: "activated" for n in names}
-    assert result.corrupt_detected == result.chunks_corrupted
+    # a corrupt chunk still in flight when its DEALER is closed is never seen, so <=, not ==
+    assert 0 < result.corrupt_detected <= result.chunks_corrupted
 
 
 def test_fleet_of_10_with_disconnects_and_corrupt_chunks(packs, signing_key, tmp_path):
@@ -168,9 +169,9 @@ def test_fleet_of_10_with_disconnects_and_corrupt_chunks(packs, signing_key, tmp
 
 
 @pytest.mark.slow
-def test_fleet_of_24_stations_4_packs_with_faults(packs, signing_key, tmp_path):
+def test_fleet_of_40_stations_4_packs_with_faults(packs, signing_key, tmp_path):
     faults = FleetFaults(corrupt_fraction=0.05, disconnect_prob=0.05, seed=11)
-    result = run_fleet(24, packs, TrustedKeys([signing_key.public_key()]), base_fingerprint=FP,
+    result = run_fleet(40, packs, TrustedKeys([signing_key.public_key()]), base_fingerprint=FP,
                        faults=faults, deadline=120.0, root=tmp_path, chunk_size=CHUNK, credit=4,
                        chunk_timeout_s=1.0)
-    _check_fleet(result, 24, [p.name for p in packs])
+    _check_fleet(result, 40, [p.name for p in packs])
