@@ -27,7 +27,7 @@ from .protocol import MAX_MESSAGE_BYTES, Message, WireError, decode, error_reply
 
 log = logging.getLogger(__name__)
 
-SERVED_TYPES = frozenset({"infer_request", "status_request"})
+SERVED_TYPES = frozenset({"infer_request", "status_request", "rollback_request"})
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 LATENCY_WINDOW = 1000  # successful infer requests kept for the percentiles
 
@@ -170,10 +170,15 @@ class InferenceServer:
                           time.perf_counter() - started)
         return frames
 
+    def _rollback(self, request: Message) -> Message:
+        return _rollback_of(self.backend, request)
+
     def _dispatch(self, request: Message) -> Message:
         if request.msg_type == "status_request":
             return ok_reply(request, {"station": self.backend.status(),
                                       "endpoint": self.stats.snapshot()})
+        if request.msg_type == "rollback_request":
+            return self._rollback(request)
         try:
             image, instruction, task = _infer_args(request)
             result = self.backend.infer(image, instruction, task=task)
@@ -186,6 +191,17 @@ class InferenceServer:
         if not isinstance(result, dict):
             raise TypeError(f"backend.infer returned {type(result).__name__}, not a dict")
         return ok_reply(request, {k: v for k, v in result.items() if k != "status"})
+
+
+def _rollback_of(backend, request: Message) -> Message:
+    """rollback_request -> backend.rollback(task_id); PackError (no previous version) -> error reply."""
+    if not hasattr(backend, "rollback"):
+        return error_reply(request, "unsupported_type", "this backend cannot roll packs back")
+    try:
+        manifest = backend.rollback(request.body["task_id"])
+    except KaizenError as err:
+        return error_reply(request, type(err).__name__, str(err))
+    return ok_reply(request, {"task_id": manifest.task_id, "version": manifest.version})
 
 
 def _infer_args(request: Message):
@@ -249,6 +265,11 @@ class InferenceClient:
         if task is not None:
             body["task"] = task
         reply = self.request(Message("infer_request", body, {"image": image}))
+        return {k: v for k, v in reply.body.items() if k != "status"}
+
+    def rollback(self, task_id: str) -> dict:
+        """Ask the station to return `task_id` to its previous pack: {"task_id", "version"}."""
+        reply = self.request(Message("rollback_request", {"task_id": task_id}))
         return {k: v for k, v in reply.body.items() if k != "status"}
 
     def status(self) -> dict:

@@ -72,6 +72,9 @@ MESSAGE_TYPES: dict[str, MsgSpec] = {
     "infer_reply": MsgSpec("inference", {"status": str}, (), "the backend's result"),
     "status_request": MsgSpec("inference", {}, (), "ask for health and latency"),
     "status_reply": MsgSpec("inference", {"status": str, "station": dict, "endpoint": dict}),
+    "rollback_request": MsgSpec("inference", {"task_id": str}, (),
+                                "local admin: return a task to its previous pack"),
+    "rollback_reply": MsgSpec("inference", {"status": str, "task_id": str, "version": int}),
     "error": MsgSpec("both", {"status": str, "error": str, "detail": str}, (), "error reply"),
     # fleet link: station DEALER <-> hub ROUTER (CURVE); announce over PUB
     "hello": MsgSpec("fleet", {"station_id": str, "base_fingerprint": str,
@@ -95,6 +98,7 @@ LIST_ITEM_FIELDS: dict[str, dict] = {
 
 # Default reply type of a request, used by ok_reply when no msg_type is given.
 REPLY_TYPES = {"infer_request": "infer_reply", "status_request": "status_reply",
+               "rollback_request": "rollback_reply",
                "hello": "desired_state", "fetch": "chunk", "report": "ack"}
 
 

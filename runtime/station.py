@@ -13,6 +13,7 @@ set, so an install or rollback never changes a request in flight.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 
 from . import RUNTIME_VERSION
 from .bundle import Bundle
+from .durable import atomic_write_bytes
 from .engine import Engine
 from .errors import InputError, PackError
 from .keys import TrustedKeys
@@ -60,6 +62,8 @@ class Station:
         self.threshold, self.top_k, self.alpha = threshold, top_k, alpha
         self.max_new_tokens, self.probe_golden = max_new_tokens, probe_golden
         self._lock = threading.Lock()
+        self._rolled_back_file = Path(store_root) / "rolled_back.json"
+        self._rolled_back = self._read_rolled_back()
         self._snap = _snapshot(self.store.active())
         self.started_at = time.time()
 
@@ -71,16 +75,40 @@ class Station:
         return manifest
 
     def rollback(self, task_id: str):
+        """Return a task to its previous pack; the rolled-back version is refused from then on."""
         with self._lock:
+            active = self.store.active().get(task_id)
             manifest = self.store.rollback(task_id)
+            if active is not None:
+                self._rolled_back.setdefault(task_id, [])
+                self._rolled_back[task_id] = sorted(set(self._rolled_back[task_id]) | {active.manifest.version})
+                atomic_write_bytes(self._rolled_back_file, json.dumps(self._rolled_back, indent=1).encode())
             self._snap = _snapshot(self.store.active())
         return manifest
+
+    def _read_rolled_back(self) -> dict[str, list[int]]:
+        try:
+            data = json.loads(self._rolled_back_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError as err:
+            raise PackError(f"{self._rolled_back_file} is not valid JSON ({err}); fix it or delete it "
+                            "(it lists pack versions rolled back on this station)") from err
+        return {str(k): [int(v) for v in vs] for k, vs in data.items()}
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.bundle.fingerprint
 
     def installed(self) -> list[dict]:
         return [{"task_id": p.manifest.task_id, "version": p.manifest.version} for p in self._snap.packs]
 
     def _probe(self, contents) -> None:
-        """Warm up with the new pack and check its golden samples before it can go live."""
+        """Refuse rolled-back versions; warm up and check golden samples before a pack goes live."""
+        m = contents.manifest
+        if m.version in self._rolled_back.get(m.task_id, []):
+            raise PackError(f"{m.task_id} v{m.version} was rolled back on this station; publish a newer "
+                            "version to move the task forward")
         lora = dict(contents.lora)
         samples = list(contents.golden)
         if not samples:
@@ -156,7 +184,7 @@ class Station:
             got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, dict(top.lora),
                                top.answers)
             for b, (answer, conf) in zip(rows, got):
-                results[b] = {"status": "ok", "answer": answer, "task_id": top.manifest.task_id,
+                results[b] = {"outcome": "answered", "answer": answer, "task_id": top.manifest.task_id,
                               "pack_version": top.manifest.version, "selected": [p.manifest.task_id for p in packs],
                               "scores": self._scores(names, s[b]), "confidence": conf}
         t3 = time.perf_counter()
@@ -172,7 +200,7 @@ class Station:
 
     @staticmethod
     def _no_match(scores: dict, why: str) -> dict:
-        return {"status": "no_match", "answer": None, "task_id": None, "pack_version": None, "selected": [],
+        return {"outcome": "no_match", "answer": None, "task_id": None, "pack_version": None, "selected": [],
                 "scores": scores, "confidence": 0.0, "detail": f"no task matches: {why}"}
 
     def status(self) -> dict:

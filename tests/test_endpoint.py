@@ -325,3 +325,29 @@ def test_bench_roundtrip_reports_percentiles():
     out = bench_roundtrip(30, image_shape=(64, 64, 3))
     assert out["n"] == 30 and out["image_bytes"] == 64 * 64 * 3
     assert 0 < out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] < 1000
+
+
+def test_rollback_request_reaches_the_backend(tmp_path):
+    """`kaizen station rollback` goes through the local endpoint to backend.rollback."""
+    from types import SimpleNamespace
+
+    from kaizen.runtime.endpoint import InferenceClient, InferenceServer
+    from kaizen.runtime.errors import PackError
+
+    class Backend:
+        def infer(self, image, instruction, task=None):
+            return {"answer": "x"}
+
+        def status(self):
+            return {}
+
+        def rollback(self, task_id):
+            if task_id != "holes":
+                raise PackError(f"no previous version of {task_id}")
+            return SimpleNamespace(task_id=task_id, version=2)
+
+    with InferenceServer(Backend(), f"ipc://{tmp_path}/rb.ipc") as server:
+        with InferenceClient(server.endpoint, timeout_ms=3000) as client:
+            assert client.rollback("holes") == {"task_id": "holes", "version": 2}
+            with pytest.raises(Exception, match="no previous version of seal"):
+                client.rollback("seal")

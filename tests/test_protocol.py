@@ -18,6 +18,8 @@ GOOD_BODIES = {
     "infer_reply": {"status": "ok", "answer": "yes"},
     "status_request": {},
     "status_reply": {"status": "ok", "station": {}, "endpoint": {}},
+    "rollback_request": {"task_id": "holes"},
+    "rollback_reply": {"status": "ok", "task_id": "holes", "version": 2},
     "error": {"status": "error", "error": "bad_input", "detail": "empty"},
     "hello": {"station_id": "s1", "base_fingerprint": "ab", "runtime_version": "0.1.0",
               "installed": [{"task_id": "holes", "version": 2}]},

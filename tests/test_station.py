@@ -67,7 +67,7 @@ def station(tiny_llama, tmp_path, engine, signer):
 def test_selection_picks_the_matching_pack(station):
     for img, instr, task in station.test_inputs:
         r = station.infer(img, instr)
-        assert r["status"] == "ok" and r["task_id"] == task and r["pack_version"] == 1
+        assert r["outcome"] == "answered" and r["task_id"] == task and r["pack_version"] == 1
         assert r["answer"] in ANSWERS and 0 < r["confidence"] <= 1
         assert max(r["scores"], key=r["scores"].get) == task
         assert r["selected"][0] == task and len(r["selected"]) == 2
@@ -87,7 +87,7 @@ def test_station_answer_equals_engine_with_the_same_pack(station, engine):
 def test_below_threshold_says_no_task_matches(station):
     station.threshold = 0.999
     r = station.infer(fixed_images(64, n=1, seed=77)[0], "Completely unrelated question about the weather?")
-    assert r["status"] == "no_match" and r["answer"] is None and "no task matches" in r["detail"]
+    assert r["outcome"] == "no_match" and r["answer"] is None and "no task matches" in r["detail"]
 
 
 def test_explicit_task_bypasses_selection(station):
@@ -130,7 +130,7 @@ def test_pack_for_another_base_is_refused(station, signer, tmp_path):
 def test_no_packs_installed(tiny_llama, tmp_path, signer):
     st = Station(tiny_llama[1], tmp_path / "empty", TrustedKeys([signer.public_key()]))
     r = st.infer(fixed_images(64, n=1)[0], "Is it damaged?")
-    assert r["status"] == "no_match" and "no task packs" in r["detail"]
+    assert r["outcome"] == "no_match" and "no task packs" in r["detail"]
     st.close()
 
 
@@ -168,3 +168,14 @@ def test_threads_infer_while_packs_install_and_roll_back(station, engine, signer
     assert not errors and seen
     assert {v for t, v in seen if t == task} <= {1, 2, 3}
     assert station.infer(img, instr)["pack_version"] == 2
+
+
+def test_rolled_back_version_is_not_reinstalled(station, engine, signer, tmp_path):
+    img, instr, task = station.test_inputs[2]
+    make_pack(tmp_path / f"{task}-2.kpk", engine, signer, task, 2, img, instr, seed=21)
+    make_pack(tmp_path / f"{task}-3.kpk", engine, signer, task, 3, img, instr, seed=22)
+    station.install(tmp_path / f"{task}-2.kpk")
+    assert station.rollback(task).version == 1
+    with pytest.raises(PackError, match="rolled back on this station"):
+        station.install(tmp_path / f"{task}-2.kpk")
+    assert station.install(tmp_path / f"{task}-3.kpk").version == 3
