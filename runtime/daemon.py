@@ -23,20 +23,18 @@ import re
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
 from . import RUNTIME_VERSION
-from .daemon_state import DaemonMemory, base_fingerprint_of, installed_of
+from .daemon_state import DaemonMemory, DaemonStats, FleetLink, base_fingerprint_of, installed_of
 from .durable import fsync_dir
 from .errors import KaizenError
 from .fetcher import Transfer
-from .keys import load_curve_keypair, load_curve_public
 from .outbox import Outbox
-from .protocol import CHUNK_SIZE, Message, WireError, decode
+from .protocol import Message, WireError, decode
 
 log = logging.getLogger("kaizen.daemon")
 
@@ -44,46 +42,6 @@ STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce"}
 PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.kpk$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHA_FAILURES = 3
-
-
-@dataclass
-class FleetLink:
-    """What the daemon needs to reach the hub (build it from a StationConfig with from_config)."""
-
-    station_id: str
-    hub_endpoint: str
-    hub_public_key: bytes          # z85
-    public_key: bytes              # z85, this station's
-    secret_key: bytes              # z85, this station's
-    state_dir: Path
-    base_fingerprint: str = ""
-    announce_endpoint: str = ""    # the hub's PUB (hints only); "" = none
-    heartbeat_s: float = 5.0
-    hub_timeout_s: float = 15.0
-    credit: int = 4                # chunks in flight
-    chunk_timeout_s: float = 3.0
-    chunk_bytes: int = CHUNK_SIZE  # the hub's chunk size: credit x chunk_bytes = bytes in flight
-    resend_s: float = 2.0
-
-    @classmethod
-    def from_config(cls, cfg, base_fingerprint: str) -> FleetLink:
-        public, secret = load_curve_keypair(cfg.secret_key_file)
-        return cls(station_id=cfg.station_id, hub_endpoint=cfg.hub_endpoint,
-                   hub_public_key=load_curve_public(cfg.hub_public_key_file), public_key=public,
-                   secret_key=secret, state_dir=cfg.state_dir, base_fingerprint=base_fingerprint,
-                   announce_endpoint=cfg.hub_announce_endpoint, heartbeat_s=cfg.heartbeat_s,
-                   hub_timeout_s=cfg.hub_timeout_s, credit=cfg.credit)
-
-
-@dataclass
-class DaemonStats:
-    reconnects: int = 0
-    hub_timeouts: int = 0
-    chunks: dict = field(default_factory=lambda: {"ok": 0, "duplicate": 0, "corrupt": 0, "bad": 0})
-    bytes_received: int = 0
-    resumed_from: list = field(default_factory=list)   # (name, offset) each time a transfer (re)starts
-    activated_at: dict = field(default_factory=dict)   # name -> time.time() of activation
-    rejected: dict = field(default_factory=dict)       # name -> reason
 
 
 class StationDaemon:
@@ -358,8 +316,8 @@ class StationDaemon:
 def cli_serve(argv: list[str]) -> int:
     """`kaizen station serve --config station.toml`: inference endpoint + fleet link."""
     from .config import load_station_config
-    from .endpoint import InferenceServer
     from .daemon_state import station_from_config
+    from .endpoint import InferenceServer
 
     parser = argparse.ArgumentParser(prog="kaizen station serve", description=cli_serve.__doc__)
     parser.add_argument("--config", required=True, type=Path, help="station.toml")

@@ -6,14 +6,18 @@
     installed_of(store_or_station)           # -> [{"task_id", "version"}]
     base_fingerprint_of(store_or_station)    # -> the base it serves (for hello)
     station_from_config(cfg)                 # the Station `kaizen station serve` runs
+    FleetLink.from_config(cfg, fingerprint)  # the daemon's link settings; DaemonStats: its counters
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .durable import atomic_write_bytes
+from .keys import load_curve_keypair, load_curve_public
+from .protocol import CHUNK_SIZE
 
 
 class DaemonMemory:
@@ -66,3 +70,43 @@ def station_from_config(cfg):
     trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
     return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
                    top_k=cfg.top_k)
+
+
+@dataclass
+class FleetLink:
+    """What the daemon needs to reach the hub (build it from a StationConfig with from_config)."""
+
+    station_id: str
+    hub_endpoint: str
+    hub_public_key: bytes          # z85
+    public_key: bytes              # z85, this station's
+    secret_key: bytes              # z85, this station's
+    state_dir: Path
+    base_fingerprint: str = ""
+    announce_endpoint: str = ""    # the hub's PUB (hints only); "" = none
+    heartbeat_s: float = 5.0
+    hub_timeout_s: float = 15.0
+    credit: int = 4                # chunks in flight
+    chunk_timeout_s: float = 3.0
+    chunk_bytes: int = CHUNK_SIZE  # the hub's chunk size: credit x chunk_bytes = bytes in flight
+    resend_s: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg, base_fingerprint: str) -> FleetLink:
+        public, secret = load_curve_keypair(cfg.secret_key_file)
+        return cls(station_id=cfg.station_id, hub_endpoint=cfg.hub_endpoint,
+                   hub_public_key=load_curve_public(cfg.hub_public_key_file), public_key=public,
+                   secret_key=secret, state_dir=cfg.state_dir, base_fingerprint=base_fingerprint,
+                   announce_endpoint=cfg.hub_announce_endpoint, heartbeat_s=cfg.heartbeat_s,
+                   hub_timeout_s=cfg.hub_timeout_s, credit=cfg.credit)
+
+
+@dataclass
+class DaemonStats:
+    reconnects: int = 0
+    hub_timeouts: int = 0
+    chunks: dict = field(default_factory=lambda: {"ok": 0, "duplicate": 0, "corrupt": 0, "bad": 0})
+    bytes_received: int = 0
+    resumed_from: list = field(default_factory=list)   # (name, offset) each time a transfer (re)starts
+    activated_at: dict = field(default_factory=dict)   # name -> time.time() of activation
+    rejected: dict = field(default_factory=dict)       # name -> reason

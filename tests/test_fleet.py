@@ -11,8 +11,13 @@ import pytest
 import zmq
 
 from kaizen.runtime.fetcher import Transfer
-from kaizen.runtime.keys import TrustedKeys, generate_curve_keypair, generate_signing_key, load_curve_keypair, \
-    load_curve_public
+from kaizen.runtime.keys import (
+    TrustedKeys,
+    generate_curve_keypair,
+    generate_signing_key,
+    load_curve_keypair,
+    load_curve_public,
+)
 from kaizen.runtime.protocol import Message, decode
 from kaizen.trainer import hub as hub_cli
 from kaizen.trainer.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
@@ -235,10 +240,12 @@ from kaizen.runtime import daemon_state
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.store import PackStore
 
+FP = sys.argv[2]
+
 class FakeStation:  # a Station without an ONNX bundle: same install/installed/infer/status surface
     def __init__(self, cfg):
-        self.store = PackStore(cfg.store_dir, TrustedKeys.from_dir(cfg.trusted_keys_dir), "%s")
-        self.base_fingerprint = "%s"
+        self.store = PackStore(cfg.store_dir, TrustedKeys.from_dir(cfg.trusted_keys_dir), FP)
+        self.base_fingerprint = FP
     def install(self, path):
         return self.store.install(path)
     def installed(self):
@@ -251,7 +258,7 @@ class FakeStation:  # a Station without an ONNX bundle: same install/installed/i
 daemon_state.station_from_config = FakeStation
 from kaizen.runtime.cli import main
 sys.exit(main(["station", "serve", "--config", sys.argv[1]]))
-""" % (FP, FP)
+"""
 
 
 def test_cli_hub_serve_and_station_serve_processes(fleet, packs, signing_key, tmp_path, capsys):
@@ -285,7 +292,7 @@ hub_timeout_s = 2.0
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     hub = subprocess.Popen([sys.executable, "-m", "kaizen.runtime.cli", "hub", "serve", "--config", str(hub_toml)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    station = subprocess.Popen([sys.executable, "-c", FAKE_STATION, str(tmp_path / "station.toml")],
+    station = subprocess.Popen([sys.executable, "-c", FAKE_STATION, str(tmp_path / "station.toml"), FP],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert hub_cli.cli_publish([str(packs[1]), "--to", "line1/s00", "--config", str(hub_toml)]) == 0

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import random
 import socket
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from kaizen.runtime.config import AllowedStation, HubConfig
 from kaizen.runtime.daemon import FleetLink, StationDaemon
@@ -75,8 +74,8 @@ class Fleet:
             public_key_file=keys / "hub.pub", secret_key_file=keys / "hub.key",
             packs_dir=self.root / "hub" / "packs", db_path=self.root / "hub" / "hub.sqlite",
             stations=allowed, chunk_size=chunk_size)
-        self.link_kwargs = dict(heartbeat_s=heartbeat_s, hub_timeout_s=hub_timeout_s, credit=credit,
-                                chunk_timeout_s=chunk_timeout_s, chunk_bytes=chunk_size)
+        self.link_kwargs = {"heartbeat_s": heartbeat_s, "hub_timeout_s": hub_timeout_s, "credit": credit,
+                            "chunk_timeout_s": chunk_timeout_s, "chunk_bytes": chunk_size}
         self.hub: Hub | None = None
         self.daemons: dict[str, StationDaemon] = {}
         self.stores: dict[str, PackStore] = {}
@@ -231,7 +230,7 @@ def make_test_packs(folder: Path, signing_key, tasks: list[tuple[str, int]], *, 
     for i, (task, version) in enumerate(tasks):
         path = folder / f"{task}-{version}.kpk"
         write_test_pack(path, task, version, signing_key, base_fingerprint=base_fingerprint, seed=100 + i,
-                        array_kwargs=dict(d_model=256, rank=8, layers=layers))
+                        array_kwargs={"d_model": 256, "rank": 8, "layers": layers})
         out.append(path)
     return out
 
