@@ -1,6 +1,6 @@
 """Export a frozen base (LLaVA + CLIP query encoder) to an ONNX base bundle, once per base.
 
-    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8]
+    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|int8]
 
 Writes vision.onnx, embed.npy, decoder.onnx (KV cache + every LoRA A/B as an optional input with
 a zero default), clip_image.onnx, clip_text.onnx, tokenizers, preprocess.json and base.json (sha256
@@ -19,14 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, BUNDLE_FILES
+from kaizen.runtime.bundle import BUNDLE_FILES, BUNDLE_SCHEMA_VERSION
 
 from .loading import Base, Clip, base_fingerprint, load_base, load_clip
 from .onnx_io import add_zero_defaults, export_graph, sha256_file
-from .wrappers import (DEFAULT_TARGETS, ClipImageWrapper, ClipTextWrapper, DecoderWrapper, VisionWrapper,
-                       add_lora_slots)
+from .wrappers import (
+    DEFAULT_TARGETS,
+    ClipImageWrapper,
+    ClipTextWrapper,
+    DecoderWrapper,
+    VisionWrapper,
+    add_lora_slots,
+)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "int8")  # fp16 for GPUs is not implemented yet (see README)
 
 
 def _dims():
