@@ -200,6 +200,8 @@ class StationDaemon:
         kind, body = msg.msg_type, msg.body
         if kind == "desired_state":
             self.desired = [p for p in body["packs"] if PACK_NAME_RE.match(p["name"]) and SHA_RE.match(p["sha256"])]
+            if len(self.desired) != len(body["packs"]):
+                log.warning("%s: ignored desired packs with an unsafe name or a bad sha256", self.link.station_id)
             self._reconcile()
         elif kind == "chunk":
             t = self.transfer
@@ -306,7 +308,7 @@ class StationDaemon:
                 "state": state, "reason": reason}
         msg_id = self.outbox.add(body)
         self._send(Message("report", body, msg_id=msg_id))
-        self.outbox.due(time.monotonic(), self.link.resend_s)  # marks it as just sent
+        self.outbox.mark_sent(msg_id)
         log.info("%s: %s %s%s", self.link.station_id, entry["name"], state, f" ({reason})" if reason else "")
 
 

@@ -83,6 +83,11 @@ class Outbox:
                 out.append((msg_id, self._bodies[msg_id]))
         return out
 
+    def mark_sent(self, msg_id: str, now: float | None = None) -> None:
+        """Record that `msg_id` was just sent (so due() waits `resend_s` before resending it)."""
+        if msg_id in self._files:
+            self._last_sent[msg_id] = time.monotonic() if now is None else now
+
     def reset_timers(self) -> None:
         """Make every pending report due now (after a reconnect)."""
         self._last_sent.clear()
