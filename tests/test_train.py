@@ -27,8 +27,8 @@ def base_dir(tmp_path_factory):
 
 
 def cfg(base_dir, out, **kw):
-    d = dict(base=str(base_dir), out=str(out), method="kaizen", n_train=8, n_test=4, max_tasks=2, epochs=1,
-             batch_size=4, threads=1)
+    d = {"base": str(base_dir), "out": str(out), "method": "kaizen", "n_train": 8, "n_test": 4, "max_tasks": 2, "epochs": 1,
+             "batch_size": 4, "threads": 1}
     d.update(kw)
     return TrainConfig(**d)
 

@@ -42,7 +42,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no",
                            "--main_process_port", str(_free_port()), *common, "--out", str(two)],
-                          env=env, timeout=300, capture_output=True, text=True)
+                          env=env, timeout=300, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))

@@ -53,19 +53,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.instructions)
 
-    def subset(self, idx: list[int]) -> "Batch":
+    def subset(self, idx: list[int]) -> Batch:
         ix = torch.as_tensor(idx, dtype=torch.long)
         return Batch(self.image[ix], self.clip_img[ix], self.clip_txt[ix],
                      [self.instructions[i] for i in idx], [self.answers[i] for i in idx],
                      self.task_index[ix], [self.refs[i] for i in idx] if self.refs else [])
 
     @staticmethod
-    def concat(parts: list["Batch"]) -> "Batch":
+    def concat(parts: list[Batch]) -> Batch:
         parts = [p for p in parts if len(p)]
         return Batch(torch.cat([p.image for p in parts]), torch.cat([p.clip_img for p in parts]),
-                     torch.cat([p.clip_txt for p in parts]), sum((p.instructions for p in parts), []),
-                     sum((p.answers for p in parts), []), torch.cat([p.task_index for p in parts]),
-                     sum((p.refs for p in parts), []))
+                     torch.cat([p.clip_txt for p in parts]), [x for p in parts for x in p.instructions],
+                     [x for p in parts for x in p.answers], torch.cat([p.task_index for p in parts]),
+                     [x for p in parts for x in p.refs])
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

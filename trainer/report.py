@@ -78,12 +78,13 @@ def run_markdown(results: dict) -> str:
     m = results["metrics"]
     lines += ["", "| MFT | MFN | MAA | BWT | selection (final, %) | train s | infer ms/sample |",
               "|---|---|---|---|---|---|---|",
-              f"| {m['MFT']:.1f} | {m['MFN']:.1f} | {m['MAA']:.1f} | {m['BWT']:+.1f} | "
+              (f"| {m['MFT']:.1f} | {m['MFN']:.1f} | {m['MAA']:.1f} | {m['BWT']:+.1f} | "
               f"{_cell(results['selection_final'])} | {results['train_seconds_total']:.1f} | "
-              f"{_cell(results['infer_ms_per_sample'])} |", "",
+              f"{_cell(results['infer_ms_per_sample'])} |"), "",
               "| task | trainable params | pack bytes (f32 arrays) | train s |", "|---|---|---|---|"]
     for i, t in enumerate(ids[: results["tasks_finished"]]):
-        lines.append(f"| {t} | {results['params_per_task'][i]} | {results['pack_bytes_per_task'][i]} | "
+        parts = " + ".join(f"{v} {k}" for k, v in results["params_per_task"][i].items()) or "0"
+        lines.append(f"| {t} | {results['trainable_params_per_task'][i]} ({parts}) | {results['pack_bytes_per_task'][i]} | "
                      f"{results['train_seconds_per_task'][i]:.1f} |")
     if results["notes"]:
         lines += ["", f"Note: {results['notes']}"]
@@ -126,8 +127,8 @@ COMPARE_FIELDS = ("MFT", "MFN", "MAA", "BWT", "selection", "train_s", "infer_ms"
 
 def compare_markdown(summary: dict) -> str:
     lines = [f"# Method comparison on `{summary['stream']}` (seeds {summary['seeds']})", "",
-             "mean ± std over seeds [min, max]; accuracies in %; train_s = training seconds per run; "
-             "params/bytes = mean per task.", "",
+             ("mean ± std over seeds [min, max]; accuracies in %; train_s = training seconds per run; "
+             "params/bytes = mean per task."), "",
              "| method | " + " | ".join(COMPARE_FIELDS) + " |", "|---|" + "---|" * len(COMPARE_FIELDS)]
     for name, stats in summary["methods"].items():
         cells = []

@@ -23,8 +23,16 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
 
 DEFAULT_METHOD = "kaizen"
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "Context", "Method", "MethodConfig", "Prediction", "Route",
-           "build_method"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Context",
+    "Method",
+    "MethodConfig",
+    "Prediction",
+    "Route",
+    "build_method",
+]
 
 
 def build_method(name: str, ctx: Context, cfg: MethodConfig | None = None) -> Method:

@@ -64,7 +64,7 @@ class MethodConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MethodConfig":
+    def from_dict(cls, d: dict) -> MethodConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
