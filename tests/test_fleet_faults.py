@@ -157,7 +157,7 @@ def _check_fleet(result, n_stations, names):
 
 
 def test_fleet_of_10_with_disconnects_and_corrupt_chunks(packs, signing_key, tmp_path):
-    faults = FleetFaults(corrupt_fraction=0.05, disconnect_prob=0.03, seed=3)
+    faults = FleetFaults(corrupt_fraction=0.05, disconnect_prob=0.1, seed=3)
     result = run_fleet(10, packs[:2], TrustedKeys([signing_key.public_key()]), base_fingerprint=FP,
                        faults=faults, deadline=25.0, root=tmp_path, chunk_size=CHUNK, credit=3,
                        chunk_timeout_s=0.5)
