@@ -174,3 +174,37 @@ def test_fleet_of_40_stations_4_packs_with_faults(packs, signing_key, tmp_path):
                        faults=faults, deadline=120.0, root=tmp_path, chunk_size=CHUNK, credit=4,
                        chunk_timeout_s=1.0)
     _check_fleet(result, 40, [p.name for p in packs])
+
+
+def test_transfer_unit_resume_and_whole_file_mismatch(tmp_path):
+    from kaizen.runtime.fetcher import Transfer
+
+    data = bytes(range(256)) * 400                     # 102400 bytes
+    chunk = 16 * 1024
+    entry = {"name": "x-1.kpk", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+             "task_id": "x", "version": 1}
+
+    def feed(t, start, stop):
+        for off in range(start, stop, chunk):
+            piece = data[off:off + chunk]
+            assert t.on_chunk(off, piece, hashlib.sha256(piece).hexdigest(), len(data)) == "ok"
+
+    t = Transfer(tmp_path, entry, window=2 * chunk)
+    assert t.requests() == [(0, 2 * chunk)] and t.requests() == []      # window full
+    feed(t, 0, 3 * chunk)
+    bad = bytearray(data[3 * chunk:4 * chunk])
+    bad[5] ^= 1
+    assert t.on_chunk(3 * chunk, bytes(bad), hashlib.sha256(data[3 * chunk:4 * chunk]).hexdigest(),
+                      len(data)) == "corrupt"
+    assert (3 * chunk, chunk) in t.requests()                             # refetch of that chunk alone
+    t.close()
+    t2 = Transfer(tmp_path, entry, window=2 * chunk)                      # a restart
+    assert t2.offset == t2.resumed_from == 3 * chunk
+    feed(t2, 3 * chunk, len(data))
+    assert t2.complete and t2.finalize().read_bytes() == data
+
+    wrong = dict(entry, sha256="f" * 64, name="y-1.kpk")
+    t3 = Transfer(tmp_path, wrong, window=len(data))
+    feed(t3, 0, len(data))
+    assert t3.finalize() is None and t3.offset == 0 and not t3.complete   # starts over
+    t3.close()
