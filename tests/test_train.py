@@ -94,3 +94,22 @@ def test_bad_options_are_refused(base_dir, tmp_path):
         cfg(base_dir, tmp_path / "x", options={"topk": 3})
     with pytest.raises(ConfigError, match="lora_targets"):
         cfg(base_dir, tmp_path / "x", options={"lora_targets": ["qq_proj"]})
+
+
+def test_compare_writes_mean_and_spread_over_seeds(base_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "lora_ft,zeroshot", "--seeds", "0,1", "--base", str(base_dir),
+            "--out", str(out), *ARGS]
+    assert kaizen(argv) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert set(summary["methods"]) == {"lora_ft", "zeroshot"}
+    stats = summary["methods"]["lora_ft"]["MFN"]
+    per_seed = [r["MFN"] for r in summary["per_seed"]["lora_ft"]]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(per_seed))
+    assert stats["min"] == min(per_seed) and stats["max"] == max(per_seed)
+    assert (out / "runs" / "lora_ft" / "seed1" / "matrix.png").exists()
+    assert "| lora_ft |" in (out / "compare.md").read_text()
+    stamp = (out / "runs" / "lora_ft" / "seed0" / "results.json").stat().st_mtime_ns
+    assert kaizen(argv) == 0  # finished runs are reused, not retrained
+    assert (out / "runs" / "lora_ft" / "seed0" / "results.json").stat().st_mtime_ns == stamp
+    assert kaizen(["compare", "--methods", "nope", "--base", str(base_dir), "--out", str(out)]) == 1
