@@ -53,6 +53,8 @@ def test_train_cli_end_to_end(base_dir, tmp_path, capsys):
     assert all(s > 0 for s in res["train_seconds_per_task"]) and res["infer_ms_per_sample"] > 0
     pack = load_file(str(out / "tasks" / "1_hole_count" / "pack.safetensors"))
     assert pack["prompt"].shape == (10, 64) and pack["key"].shape == (64,) and "lora.0.q_proj.A" in pack
+    assert pack["text_emb"].shape == (6, 64)  # the task's 6 train phrasings, CLIP text space
+    np.testing.assert_allclose(np.linalg.norm(pack["text_emb"], axis=1), 1, atol=1e-5)
     assert "| seal_defect |" in (out / "results.md").read_text()
 
 

@@ -3,6 +3,7 @@
     RUN/run.json                          config, stream, one row per finished task (metrics...)
     RUN/tasks/<i>_<task_id>/state.safetensors   the method's whole state after task i
     RUN/tasks/<i>_<task_id>/pack.safetensors    what a pack of task i carries: prompt, key, lora.*
+                                          (B already scaled), text_emb [n_instr, d_clip]
     RUN/tasks/<i>_<task_id>/task.json           that task's row (accuracies, timings, sizes)
 
 A crashed run resumes from the last task listed in run.json (`kaizen train --resume`): files of
@@ -52,8 +53,10 @@ def pack_tensors(pack: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def save_task(run: Path, task_index: int, task_id: str, method, info: dict) -> Path:
-    """Write one finished task's method state, pack arrays and row (before run.json names it)."""
+def save_task(run: Path, task_index: int, task_id: str, method, info: dict,
+              extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write one finished task's method state, pack arrays (+ `extra` arrays, e.g. text_emb) and
+    row (before run.json names it)."""
     d = task_dir(run, task_index, task_id)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in method.state_dict().items()}
@@ -61,6 +64,7 @@ def save_task(run: Path, task_index: int, task_id: str, method, info: dict) -> P
         save_file(state, str(d / "state.safetensors.tmp"))
         os.replace(d / "state.safetensors.tmp", d / "state.safetensors")
     pack = pack_tensors(method.state_for_pack(task_id))
+    pack.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (extra or {}).items()})
     if pack:
         save_numpy(pack, str(d / "pack.safetensors.tmp"))
         os.replace(d / "pack.safetensors.tmp", d / "pack.safetensors")

@@ -229,7 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         method.end_task(t, task)
         if dist.is_main:
             rows.append(task_row(session, method, t, trained))
-            ck.save_task(session.run, t, task.task_id, method, rows[-1])
+            text_emb = session.features.text_embeddings(list(task.train_instructions)).numpy()
+            ck.save_task(session.run, t, task.task_id, method, rows[-1], extra={"text_emb": text_emb})
             session.state["rows"] = rows
             ck.write_json(session.run / ck.RUN_JSON, session.state)
         dist.barrier()
