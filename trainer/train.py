@@ -22,6 +22,7 @@ import torch
 from kaizen.runtime.errors import ConfigError
 
 from . import checkpoint as ck
+from .pack_meta import write_pack_meta
 from . import report
 from .accel import Dist
 from .evaluate import evaluate_row
@@ -162,6 +163,20 @@ class Session:
         return results
 
 
+def write_predictions(session: Session, method) -> None:
+    """RUN/predictions.json: the final model's answer and deciding task for every test sample
+    (what a station with all packs installed must reproduce)."""
+    out = {}
+    for t, task in enumerate(session.tasks):
+        refs = [(t, i) for i in range(len(task.test))]
+        for s in range(0, len(refs), session.cfg.eval_batch_size):
+            chunk = refs[s:s + session.cfg.eval_batch_size]
+            pred = method.predict(session.features.batch(session.tasks, chunk, "test"))
+            for (_, i), answer, sel in zip(chunk, pred.answers, pred.selected):
+                out[f"{task.task_id}/{i}"] = {"answer": answer, "selected": session.tasks[sel].task_id}
+    ck.write_json(session.run / "predictions.json", out)
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -210,9 +225,11 @@ def task_row(session: Session, method, t: int, trained: dict) -> dict:
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
-          shared: Shared | None = None) -> dict | None:
+          shared: Shared | None = None, on_task=None) -> dict | None:
     """Run (or resume) the whole stream; return results (None on a non-main process or when
-    stopped early by `stop_after`, which simulates a crash after that task)."""
+    stopped early by `stop_after`, which simulates a crash after that task). `on_task(run_dir,
+    t, task_id)` is called on the main process once task t's checkpoint and pack files exist
+    (the demo exports and publishes the pack there)."""
     session = Session(cfg, shared)
     dist = session.dist
     if (session.run / ck.RUN_JSON).exists() and not resume:
@@ -231,8 +248,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             rows.append(task_row(session, method, t, trained))
             text_emb = session.features.text_embeddings(list(task.train_instructions)).numpy()
             ck.save_task(session.run, t, task.task_id, method, rows[-1], extra={"text_emb": text_emb})
+            write_pack_meta(session, method, t, rows[-1])
+            if t == len(session.tasks) - 1:
+                write_predictions(session, method)
             session.state["rows"] = rows
             ck.write_json(session.run / ck.RUN_JSON, session.state)
+            if on_task is not None:
+                on_task(session.run, t, task.task_id)
         dist.barrier()
         if stop_after is not None and t == stop_after:
             return None
