@@ -22,11 +22,11 @@ import torch
 from kaizen.runtime.errors import ConfigError
 
 from . import checkpoint as ck
-from .pack_meta import write_pack_meta
 from . import report
 from .accel import Dist
 from .evaluate import evaluate_row
 from .methods import METHODS, Context, MethodConfig, build_method
+from .pack_meta import write_pack_meta
 from .progress import progress
 
 RESUME_FREE = ("out", "threads", "eval_batch_size")  # may change between a run and its resume
