@@ -66,8 +66,9 @@ def sizes_png(timeline: list[dict], base_bytes: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3))
     bars = ax.barh(names, vals, color=["C0"] * len(timeline) + ["C3"])
     ax.bar_label(bars, labels=[f"{v / 1024:.0f} KiB" for v in vals], fontsize=7, padding=2)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes (log scale)")
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v / 2**20:.1f} MiB")
+    ax.set_xlim(0, max(vals) * 1.18)
+    ax.set_xlabel("size")
     ax.set_title("what travels per task vs the base installed once", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -77,7 +78,7 @@ def sizes_png(timeline: list[dict], base_bytes: int, path: Path) -> None:
 def delivery_png(timeline: list[dict], path: Path) -> None:
     plt = _plt()
     stations = sorted({s for d in timeline for s in d["activated_s"]})
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(stations) + 1.6))
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(stations) + 2.2))
     for k, d in enumerate(timeline):
         for y, s in enumerate(stations):
             ax.plot([d["published_s"], d["activated_s"][s]], [y, y], color=f"C{k}", lw=4, solid_capstyle="butt")
@@ -86,7 +87,9 @@ def delivery_png(timeline: list[dict], path: Path) -> None:
     ax.set_yticks(range(len(stations)), stations, fontsize=8)
     ax.set_xlabel("seconds since training started (bar: published -> activated)")
     ax.set_title("pack delivery per station", fontsize=9)
-    ax.legend(fontsize=7, ncols=3, loc="upper left")
+    ax.legend(fontsize=7, ncols=min(6, len(timeline)), loc="upper center", bbox_to_anchor=(0.5, -0.28),
+              frameon=False)
+    ax.set_ylim(-0.5, len(stations) - 0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

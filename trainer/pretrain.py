@@ -135,9 +135,10 @@ def pretrain(base_dir, steps: int = 600, clip_steps: int = 600, batch: int = 32,
     torch.set_num_threads(2)
     base_dir = Path(base_dir)
     base, clip = load_base(base_dir), load_clip(base_dir / "clip")
-    train = generic_instruction_samples(seed=seed, n=4000)
+    n = min(4000, max(256, steps * batch))  # rendering costs ~6 ms an image: no more than the steps use
+    train = generic_instruction_samples(seed=seed, n=n)
     held = generic_instruction_samples(seed=seed + 1000, n=256)
-    pairs = generic_caption_pairs(seed=seed, n=4000)
+    pairs = generic_caption_pairs(seed=seed, n=min(4000, max(256, clip_steps * 64)))
     held_pairs = generic_caption_pairs(seed=seed + 1000, n=256)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()

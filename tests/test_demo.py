@@ -1,0 +1,61 @@
+"""`kaizen demo` end to end on a miniature setting: every stage runs for real (pretrain, export,
+hub + stations as processes, training with per-task delivery, parts at the stations, report),
+the stations agree with the trainer, and no process is left behind."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Pids whose working directory lies inside `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "cwd").startswith(str(folder)):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_demo_end_to_end_small(tmp_path):
+    work, report = tmp_path / "work", tmp_path / "report"
+    cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
+           "--stations", "2", "--pretrain-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
+           "--baselines", "lora_ft"]
+    env = dict(os.environ, KAIZEN_PROGRESS="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((report / "report.json").read_text())
+    assert data["parts"]["agreement"] == 100.0
+    assert data["parts"]["parts"] == 6 * 3
+    assert len(data["timeline"]) == 6 and all(len(d["activated_s"]) == 2 for d in data["timeline"])
+    assert set(data["metrics"]) == {"kaizen", "lora_ft"}
+    for png in ("matrix.png", "metrics.png", "latency.png", "pack_sizes.png", "delivery.png"):
+        assert (report / png).stat().st_size > 5000
+    assert "Kaizen Edge demo report" in (report / "report.md").read_text()
+    # no hub/station process outlives the demo (they run with their cwd in WORK/fleet)
+    assert not _processes_in(work), "demo left processes behind"
+
+
+@pytest.mark.slow
+def test_demo_second_run_reuses_everything(tmp_path):
+    work, report = tmp_path / "work", tmp_path / "report"
+    cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
+           "--stations", "2", "--pretrain-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
+           "--baselines", ""]
+    env = dict(os.environ, KAIZEN_PROGRESS="0")
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "reusing the pretrained tiny base" in second.stdout and "reusing the base bundle" in second.stdout
+    assert "reusing the finished kaizen run" in second.stdout
