@@ -108,6 +108,8 @@ def test_reports_wait_in_the_outbox_until_acked(fleet, packs):
     hub = fleet.start_hub(HubFaults(stop_after_chunks=10 ** 6))
     daemon = fleet.start_station(0)
     assert wait_until(lambda: fleet.installed(0) == {"label": 1}, WAIT)
+    # every report of that delivery acked before the hub goes away (no race with the last ack)
+    assert wait_until(lambda: len(Outbox(daemon.state_dir / "outbox")) == 0, WAIT)
     fleet.stop_hub()
     assert hub.stats.reports >= 1
     fleet.stop_station(0)
