@@ -3,9 +3,10 @@ freeze it: the demo's base is a base in the real sense, not random weights.
 
     kaizen base pretrain bases/tiny-llama [--steps 600] [--clip-steps 600]
 
-VLM: next-token CE on answers of generic image questions (shapes, colours, counts, marks,
-arrows), all of the VLM trains. CLIP: symmetric InfoNCE on generic image-caption pairs. Never
-the task stream's test phrasings. Writes the weights back, plus pretrain.json (loss curves,
+CLIP first: symmetric InfoNCE on generic image-caption pairs. Then, as in LLaVA, the VLM's
+vision tower starts from that CLIP's vision tower (same shape in the built-in presets) and the
+VLM learns next-token CE on answers of generic image questions (shapes, colours, counts, marks,
+arrows), the vision tower at a tenth of the learning rate. Never the task stream's test phrasings. Writes the weights back, plus pretrain.json (loss curves,
 held-out accuracy) and pretrain.png into the base folder.
 """
 
@@ -74,13 +75,26 @@ def clip_loss(clip, images, captions) -> torch.Tensor:
 def _cosine_lr(opt, step, total, peak):
     lr = peak * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
-def train_loop(model, loss_fn, batches, steps: int, lr: float, desc: str) -> list[float]:
+def init_vision_from_clip(base, clip) -> bool:
+    """LLaVA's recipe: the VLM's vision tower starts as the (pretrained) CLIP's vision tower.
+    Done when the shapes match (the built-in presets); returns whether it was done."""
+    tower = base.model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    src = clip.model.vision_model.state_dict()
+    dst = tower.state_dict()
+    if set(src) != set(dst) or any(src[k].shape != dst[k].shape for k in src):
+        return False
+    tower.load_state_dict(src)
+    return True
+
+
+def train_loop(model, loss_fn, batches, steps: int, lr: float, desc: str, groups=None) -> list[float]:
     model.train()
     model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(groups or model.parameters(), lr=lr, weight_decay=0.01)
     losses = []
     for step in progress(range(steps), desc=desc):
         _cosine_lr(opt, step, steps, lr)
@@ -89,7 +103,7 @@ def train_loop(model, loss_fn, batches, steps: int, lr: float, desc: str) -> lis
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     model.requires_grad_(False)
     return losses
@@ -142,17 +156,22 @@ def pretrain(base_dir, steps: int = 600, clip_steps: int = 600, batch: int = 32,
     held_pairs = generic_caption_pairs(seed=seed + 1000, n=256)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    before = heldout_vlm_accuracy(base, held)
-    vlm_losses = train_loop(base.model, lambda s: vlm_loss(base, s),
-                            lambda _: ([train[j] for j in rng.choice(len(train), batch, replace=False)],),
-                            steps, lr, "pretrain base")
-    after = heldout_vlm_accuracy(base, held)
     clip_before = heldout_clip_accuracy(clip, held_pairs)
     clip_losses = train_loop(clip.model, lambda im, cap: clip_loss(clip, im, cap),
                              lambda _: list(zip(*[pairs[j] for j in rng.choice(len(pairs), 64, replace=False)])),
                              clip_steps, lr, "pretrain clip")
     clip_after = heldout_clip_accuracy(clip, held_pairs)
+    copied = init_vision_from_clip(base, clip)
+    before = heldout_vlm_accuracy(base, held)
+    vision = [p for n, p in base.model.named_parameters() if "vision_tower" in n]
+    rest = [p for n, p in base.model.named_parameters() if "vision_tower" not in n]
+    groups = [{"params": vision, "lr_mult": 0.1 if copied else 1.0}, {"params": rest}]
+    vlm_losses = train_loop(base.model, lambda s: vlm_loss(base, s),
+                            lambda _: ([train[j] for j in rng.choice(len(train), batch, replace=False)],),
+                            steps, lr, "pretrain base", groups=groups)
+    after = heldout_vlm_accuracy(base, held)
     report = {"steps": steps, "clip_steps": clip_steps, "batch": batch, "seed": seed, "lr": lr,
+              "vision_tower_from_clip": copied,
               "seconds": round(time.perf_counter() - t0, 1),
               "vlm_heldout_accuracy": {"before": before, "after": after},
               "clip_heldout_retrieval_top1_of_32": {"before": clip_before, "after": clip_after},
