@@ -11,9 +11,13 @@ station activated all of them. Baseline, same run, same bytes: a plain TCP copy 
 thread per receiver, sendall of the same pack files, N receiver threads on 127.0.0.1, bytes
 kept in memory: no hashing, no disk, no install). Then the same fleet with 5 % corrupted chunks
 and random disconnects. Rate = pack bytes x stations / seconds from publish to all activated.
+"Install-only floor": the same packs PackStore.install'ed into N fresh stores by N threads at
+once, no network (verify + fsync'd staging + atomic switch), to show where the time goes.
 
 Endpoint: the tiny-llama Station behind InferenceServer (tcp and ipc, loopback) vs station.infer
-directly, interleaved request by request, same image (PNG bytes) and instruction.
+directly, interleaved request by request, same image (PNG bytes) and instruction; with ORT
+intra-op threads 1, 0 (ORT default: all cores, spin-waiting workers) and 0 with spinning turned
+off by a bench-side patch of onnxruntime.SessionOptions (no product change).
 Prints Markdown tables and writes reports/bench/delivery.json.
 """
 
@@ -107,18 +111,30 @@ def raw_tcp_copy(n_receivers: int, files: list[Path], timeout: float = 120.0) ->
 
 
 def local_install_floor(files: list[Path], trusted, fingerprint: str, folder: Path, n: int) -> dict:
-    """Time to PackStore.install the same packs into n fresh stores, no network (one thread)."""
+    """Time to PackStore.install the same packs into n fresh stores, no network: one thread per
+    store, all at once (the fleet's stations are threads in one process too)."""
     from kaizen.runtime.store import PackStore
 
     shutil.rmtree(folder, ignore_errors=True)
+    errors = []
+
+    def one(i: int) -> None:
+        try:
+            with PackStore(folder / f"s{i}", trusted, fingerprint) as store:
+                for f in files:
+                    store.install(f)
+        except Exception as err:  # noqa: BLE001 - reported
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
-    for i in range(n):
-        with PackStore(folder / f"s{i}", trusted, fingerprint) as store:
-            for f in files:
-                store.install(f)
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
     seconds = time.perf_counter() - t0
     shutil.rmtree(folder, ignore_errors=True)
-    return {"stores": n, "seconds": seconds, "per_pack_ms": seconds * 1e3 / (n * len(files))}
+    return {"stores": n, "seconds": seconds, "per_pack_ms": seconds * 1e3 / (n * len(files)), "errors": errors[:3]}
 
 
 # ---------------------------------------------------------------- fleet
