@@ -157,7 +157,7 @@ class Station:
         instructions = [check_instruction(t) for t in instructions]
         rgb = [load_rgb(im) for im in images]
         if not snap.packs:
-            return [self._no_match([], "no task packs are installed") for _ in range(n)]
+            return [self._no_match({}, "no task packs are installed") for _ in range(n)]
         t1 = time.perf_counter()
         s = scores(self.engine.clip_image(rgb), self._text_queries(snap, instructions), snap.keys, self.alpha)
         order = top_k(s, self.top_k)
@@ -194,9 +194,12 @@ class Station:
             r["timings_ms"] = timing
         return results
 
-    @staticmethod
-    def _scores(names, row) -> dict[str, float]:
-        return {name: round(float(v), 6) for name, v in zip(names, row)}
+    SCORES_SHOWN = 8
+
+    def _scores(self, names, row) -> dict[str, float]:
+        """The best SCORES_SHOWN (at least top_k) selection scores, best first: O(k), not O(packs)."""
+        keep = top_k(row[None, :], max(self.top_k, self.SCORES_SHOWN))[0]
+        return {names[i]: round(float(row[i]), 6) for i in keep}
 
     @staticmethod
     def _no_match(scores: dict, why: str) -> dict:
