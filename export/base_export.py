@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from kaizen.runtime.bundle import BUNDLE_FILES, BUNDLE_SCHEMA_VERSION
+from kaizen.runtime.durable import sha256_file
 
 from .loading import Base, Clip, base_fingerprint, load_base, load_clip
-from .onnx_io import add_zero_defaults, export_graph, sha256_file
+from .onnx_io import add_zero_defaults, export_graph
 from .wrappers import (
     DEFAULT_TARGETS,
     ClipImageWrapper,

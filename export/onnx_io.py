@@ -7,7 +7,6 @@ downgrade transformers) and has no LLaVA export taking `inputs_embeds`, which th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -43,9 +42,3 @@ def add_zero_defaults(path: Path, shapes: dict[str, tuple[int, ...]], dtype=np.f
     onnx.save(model, str(path))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -8,7 +8,6 @@ Written by kaizen.export.base_export; the layout is in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from .durable import sha256_file
 from .errors import BundleError
 from .preprocess import PreprocessConfig
 from .prompting import PromptSpec
@@ -37,14 +37,6 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Bundle:
     """A verified base bundle folder and what the engine needs from it."""
@@ -56,7 +48,7 @@ class Bundle:
     _sessions: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path, providers: list[str] | None = None, threads: int = 0, verify: bool = True) -> "Bundle":
+    def open(cls, path, providers: list[str] | None = None, threads: int = 0, verify: bool = True) -> Bundle:
         path = Path(path)
         meta_path = path / "base.json"
         if not meta_path.exists():

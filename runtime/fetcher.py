@@ -23,15 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .durable import atomic_write_bytes, fsync_dir
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .durable import atomic_write_bytes, fsync_dir, sha256_file
 
 
 class Transfer:
@@ -144,7 +136,7 @@ class Transfer:
         assert self.complete
         os.ftruncate(self._fd, self.size)
         os.fsync(self._fd)
-        if _file_sha256(self.part) != self.sha256:
+        if sha256_file(self.part) != self.sha256:
             self.offset = 0
             self._ranges.clear()
             self.restart_window()

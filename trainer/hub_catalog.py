@@ -12,27 +12,18 @@ verify signatures: stations do, against their own trusted keys, and report what 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
 from kaizen.runtime.config import HubConfig
-from kaizen.runtime.durable import fsync_dir
+from kaizen.runtime.durable import fsync_dir, sha256_file
 from kaizen.runtime.errors import PackError
 from kaizen.runtime.manifest import Manifest
 from kaizen.runtime.tarsafe import TarLimits, read_members
 
 from .hub_db import HubDB, PackRecord
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_pack_manifest(path: Path) -> Manifest:
@@ -48,7 +39,7 @@ def read_pack_manifest(path: Path) -> Manifest:
 
 def pack_record(path: Path) -> PackRecord:
     manifest = read_pack_manifest(path)
-    return PackRecord(name=path.name, sha256=file_sha256(path), size=path.stat().st_size,
+    return PackRecord(name=path.name, sha256=sha256_file(path), size=path.stat().st_size,
                       task_id=manifest.task_id, version=manifest.version, path=str(path))
 
 
@@ -62,7 +53,7 @@ def catalogue_pack(db: HubDB, packs_dir: Path, source: Path) -> PackRecord:
     dest = packs_dir / source.name
     if dest.resolve() != source.resolve():
         existing = db.pack(source.name)
-        if dest.exists() and file_sha256(dest) != file_sha256(source):
+        if dest.exists() and sha256_file(dest) != sha256_file(source):
             raise PackError(f"{source}: a different pack named {source.name} is already in {packs_dir}; "
                             "packs are immutable, export a new version instead")
         if existing is None or not dest.exists():
