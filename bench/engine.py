@@ -38,9 +38,8 @@ def run_path(path: str, base_dir: str, bundle_dir: str, parts: int, threads: int
         from kaizen.runtime.engine import Engine
     else:
         import numpy as np
-        import torch
-
         import peft  # noqa: F401
+        import torch
         import transformers  # noqa: F401
     import_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -54,7 +53,7 @@ def run_path(path: str, base_dir: str, bundle_dir: str, parts: int, threads: int
 
         threads_ok = ort.get_available_providers()
         eng = Engine(Bundle.open(bundle_dir, providers=["CPUExecutionProvider"], threads=threads))
-        run = lambda img: eng.generate([img], [INSTRUCTION], prompt, lora, NEW_TOKENS)[0].token_ids  # noqa: E731
+        run = lambda img: eng.generate([img], [INSTRUCTION], prompt, lora, NEW_TOKENS)[0].token_ids
         del threads_ok
     else:
         from kaizen.export.loading import load_base
@@ -126,7 +125,7 @@ def main() -> None:
                      "speedup_p50": torch_r["p50_ms"] / ort_r["p50_ms"],
                      "import_ratio": torch_r["import_s"] / ort_r["import_s"],
                      "rss_ratio": ort_r["peak_rss_mb"] / torch_r["peak_rss_mb"]})
-    print(f"| base | path | p50 ms | p95 ms | tokens/s | import s | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    print("| base | path | p50 ms | p95 ms | tokens/s | import s | peak RSS MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         for p in ("torch", "ort"):
             x = r[p]

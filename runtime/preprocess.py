@@ -48,7 +48,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         return cls(**d)
 
 

@@ -25,7 +25,7 @@ def test_tiny_qwen2_is_qwen2(tiny_qwen2):
 def test_init_is_deterministic_in_seed(tmp_path, tiny_llama):
     init_base("tiny-llama", tmp_path / "again", seed=0)
     init_base("tiny-llama", tmp_path / "other", seed=1)
-    fp = lambda d: base_fingerprint(load_base(d), load_clip(d / "clip"))  # noqa: E731
+    fp = lambda d: base_fingerprint(load_base(d), load_clip(d / "clip"))
     assert fp(tmp_path / "again") == fp(tiny_llama[0])
     assert fp(tmp_path / "other") != fp(tiny_llama[0])
 

@@ -346,8 +346,8 @@ def test_rollback_request_reaches_the_backend(tmp_path):
                 raise PackError(f"no previous version of {task_id}")
             return SimpleNamespace(task_id=task_id, version=2)
 
-    with InferenceServer(Backend(), f"ipc://{tmp_path}/rb.ipc") as server:
-        with InferenceClient(server.endpoint, timeout_ms=3000) as client:
-            assert client.rollback("holes") == {"task_id": "holes", "version": 2}
-            with pytest.raises(Exception, match="no previous version of seal"):
-                client.rollback("seal")
+    server = InferenceServer(Backend(), f"ipc://{tmp_path}/rb.ipc")
+    with server, InferenceClient(server.endpoint, timeout_ms=3000) as client:
+        assert client.rollback("holes") == {"task_id": "holes", "version": 2}
+        with pytest.raises(Exception, match="no previous version of seal"):
+            client.rollback("seal")

@@ -54,7 +54,7 @@ def test_constrained_scores_match_torch(engine, tiny_llama):
     totals = []
     with torch.no_grad():
         for a in answers:
-            emb, mask = embed_prompt(base.model, base, px, ["Is the seal torn?"])
+            emb, _ = embed_prompt(base.model, base, px, ["Is the seal torn?"])
             ids = torch.from_numpy(answer_ids(base.tokenizer, base.spec, a))[None]
             full = torch.cat([emb, base.model.get_input_embeddings()(ids)], dim=1)
             logits = base.model(inputs_embeds=full).logits.log_softmax(-1)

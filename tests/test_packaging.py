@@ -3,10 +3,10 @@
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from kaizen.runtime import cli
 

@@ -75,7 +75,7 @@ def test_selection_picks_the_matching_pack(station):
 
 
 def test_station_answer_equals_engine_with_the_same_pack(station, engine):
-    img, instr, task = station.test_inputs[1]
+    img, instr, _ = station.test_inputs[1]
     r = station.infer(img, instr)
     snap = {p.manifest.task_id: p for p in station._snap.packs}
     packs = [snap[t] for t in r["selected"]]
