@@ -29,7 +29,7 @@ def _processes_in(folder: Path) -> list[int]:
 def test_demo_end_to_end_small(tmp_path):
     work, report = tmp_path / "work", tmp_path / "report"
     cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
-           "--stations", "2", "--pretrain-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
+           "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
            "--baselines", "lora_ft"]
     env = dict(os.environ, KAIZEN_PROGRESS="0")
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -50,7 +50,7 @@ def test_demo_end_to_end_small(tmp_path):
 def test_demo_second_run_reuses_everything(tmp_path):
     work, report = tmp_path / "work", tmp_path / "report"
     cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
-           "--stations", "2", "--pretrain-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
+           "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
            "--baselines", ""]
     env = dict(os.environ, KAIZEN_PROGRESS="0")
     first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

@@ -41,7 +41,7 @@ def stage(name: str, t0: float) -> None:
     log(f"{name}: {STAGES[name]} s")
 
 
-def ensure_base(work: Path, steps: int) -> Path:
+def ensure_base(work: Path, steps: int, clip_steps: int) -> Path:
     from .bases import init_base
     from .pretrain import pretrain
 
@@ -53,7 +53,7 @@ def ensure_base(work: Path, steps: int) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     log("building tiny-llama from seed 0 and pretraining it on generic synthetic data")
     init_base("tiny-llama", base, seed=0)
-    pretrain(base, steps=steps, clip_steps=steps, log=log)
+    pretrain(base, steps=steps, clip_steps=clip_steps, log=log)
     return base
 
 
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default="reports/demo")
     ap.add_argument("--stations", type=int, default=3)
     ap.add_argument("--baselines", default="lora_ft,individual", help="comma list, or '' for none")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-steps", type=int, default=600, help="VLM pretraining steps")
+    ap.add_argument("--clip-steps", type=int, default=800, help="CLIP pretraining steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-test", type=int, default=40)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     t0 = time.perf_counter()
-    base = ensure_base(work, a.pretrain_steps)
+    base = ensure_base(work, a.pretrain_steps, a.clip_steps)
     stage("base (pretrain or reuse)", t0)
     t0 = time.perf_counter()
     bundle = ensure_bundle(base, work)
