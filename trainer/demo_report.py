@@ -76,20 +76,21 @@ def sizes_png(timeline: list[dict], base_bytes: int, path: Path) -> None:
 
 
 def delivery_png(timeline: list[dict], path: Path) -> None:
+    """Per pack (published at t s after training started): seconds until each station activated it."""
     plt = _plt()
     stations = sorted({s for d in timeline for s in d["activated_s"]})
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(stations) + 2.2))
-    for k, d in enumerate(timeline):
-        for y, s in enumerate(stations):
-            ax.plot([d["published_s"], d["activated_s"][s]], [y, y], color=f"C{k}", lw=4, solid_capstyle="butt")
-            ax.plot(d["activated_s"][s], y, "o", color=f"C{k}", ms=4)
-        ax.axvline(d["published_s"], color=f"C{k}", lw=0.6, ls=":", label=d["task_id"])
-    ax.set_yticks(range(len(stations)), stations, fontsize=8)
-    ax.set_xlabel("seconds since training started (bar: published -> activated)")
-    ax.set_title("pack delivery per station", fontsize=9)
-    ax.legend(fontsize=7, ncols=min(6, len(timeline)), loc="upper center", bbox_to_anchor=(0.5, -0.28),
-              frameon=False)
-    ax.set_ylim(-0.5, len(stations) - 0.5)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    width = 0.8 / max(1, len(stations))
+    x = np.arange(len(timeline))
+    for k, s in enumerate(stations):
+        delay = [d["activated_s"][s] - d["published_s"] for d in timeline]
+        bars = ax.bar(x + k * width, delay, width, label=s)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.set_xticks(x + width * (len(stations) - 1) / 2,
+                  [f"{d['task_id']}\npublished @{d['published_s']:.0f}s" for d in timeline], fontsize=7)
+    ax.set_ylabel("seconds to activated")
+    ax.set_title("pack delivery: publish -> fetched, verified, probed, activated, per station", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
