@@ -214,3 +214,16 @@ def pack_arrays(prompt: torch.Tensor | None, key: torch.Tensor | None, lora: dic
         k = key.detach().float()
         out["key"] = (k / k.norm().clamp_min(1e-12)).numpy().astype(np.float32)
     return out
+
+
+class PerTaskAdapters(Method):
+    """A method that starts one new LoRA adapter per task (individual, olora)."""
+
+    def __init__(self, ctx, cfg: MethodConfig):
+        super().__init__(ctx, cfg)
+        self.adapters = nn.ModuleList()
+
+    def begin_task(self, task_index: int, task) -> None:
+        super().begin_task(task_index, task)
+        assert len(self.adapters) == task_index, "tasks must begin in stream order"
+        self.adapters.append(self.new_adapter(task_index))

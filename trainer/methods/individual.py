@@ -6,23 +6,13 @@ A task not trained yet (upper triangle of the full matrix) is answered by the ba
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import Method, Route, pack_arrays
+from .base import PerTaskAdapters, Route, pack_arrays
 from .lora import count
 
 
-class Individual(Method):
+class Individual(PerTaskAdapters):
     name = "individual"
-
-    def __init__(self, ctx, cfg):
-        super().__init__(ctx, cfg)
-        self.adapters = nn.ModuleList()
-
-    def begin_task(self, task_index: int, task) -> None:
-        super().begin_task(task_index, task)
-        assert len(self.adapters) == task_index, "tasks must begin in stream order"
-        self.adapters.append(self.new_adapter(task_index))
 
     def training_step(self, batch) -> torch.Tensor:
         return self.loss_with(batch, None, [self.adapters[self.current]])

@@ -9,23 +9,13 @@ sum up to t as ONE set: rank (t+1) * r (A stacked, B side by side), see lora.con
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import Method, Route, pack_arrays
+from .base import PerTaskAdapters, Route, pack_arrays
 from .lora import concat_arrays, count
 
 
-class OLora(Method):
+class OLora(PerTaskAdapters):
     name = "olora"
-
-    def __init__(self, ctx, cfg):
-        super().__init__(ctx, cfg)
-        self.adapters = nn.ModuleList()
-
-    def begin_task(self, task_index: int, task) -> None:
-        super().begin_task(task_index, task)
-        assert len(self.adapters) == task_index, "tasks must begin in stream order"
-        self.adapters.append(self.new_adapter(task_index))
 
     def orthogonality(self, t: int) -> torch.Tensor:
         new = self.adapters[t]
