@@ -201,28 +201,11 @@ def endpoint_overhead(bundle: Path, work: Path, signer, trusted, reps: int, vari
 
 def _endpoint_overhead(bundle: Path, work: Path, signer, trusted, reps: int, threads: int) -> dict:
     import numpy as np
-    from packs import INSTRUCTIONS, TASKS, query_images
+    from packs import INSTRUCTIONS, station_with_tasks
 
-    from kaizen.runtime.bundle import Bundle
     from kaizen.runtime.endpoint import InferenceClient, InferenceServer
-    from kaizen.runtime.engine import Engine
-    from kaizen.runtime.preprocess import load_rgb
-    from kaizen.runtime.station import Station
 
-    meta, shapes = bundle_lora_shapes(bundle)
-    engine = Engine(Bundle.open(bundle, threads=threads))
-    images = query_images(engine.vision_pre.size)
-    folder, store_root = work / "ep-packs", work / "ep-store"
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.rmtree(store_root, ignore_errors=True)
-    folder.mkdir(parents=True)
-    st = Station(bundle, store_root, trusted, threshold=0.3, top_k=3, threads=threads)
-    for i, task in enumerate(TASKS):
-        p = folder / f"{task}-1.kpk"
-        build_bundle_pack(p, meta, shapes, signer, task, 1, seed=i + 1, instruction=INSTRUCTIONS[i],
-                          engine=engine, image=load_rgb(images[i]), golden=1)
-        st.install(p)
-    del engine
+    st, images, *_ = station_with_tasks(bundle, work, "ep", signer, trusted, threads)
     img, instr = images[0], INSTRUCTIONS[0]
     out = {"reps": reps, "image_bytes": len(img), "ort_threads": threads}
     ipc = work / "ep.sock"

@@ -315,25 +315,34 @@ def bench_install(bundle: Path, n: int, work: Path, signer, trusted) -> dict:
 
 # ---------------------------------------------------------------- 4. latency while packs install
 
-def bench_hot_swap(bundle: Path, seconds: float, work: Path, signer, trusted, fillers: int = 7) -> dict:
+def station_with_tasks(bundle: Path, work: Path, name: str, signer, trusted, threads: int):
+    """A fresh Station in work/<name>-store with the TASKS packs (keys matching query_images) installed.
+    Returns (station, images, meta, shapes, pack folder, engine)."""
     from kaizen.runtime.bundle import Bundle
     from kaizen.runtime.engine import Engine
     from kaizen.runtime.preprocess import load_rgb
     from kaizen.runtime.station import Station
 
     meta, shapes = bundle_lora_shapes(bundle)
-    engine = Engine(Bundle.open(bundle, threads=THREADS))
+    engine = Engine(Bundle.open(bundle, threads=threads))
     images = query_images(engine.vision_pre.size)
-    folder, store_root = work / "hot-packs", work / "hot-store"
+    folder, store_root = work / f"{name}-packs", work / f"{name}-store"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(store_root, ignore_errors=True)
     folder.mkdir(parents=True)
-    st = Station(bundle, store_root, trusted, threshold=0.3, top_k=3, threads=THREADS)
+    st = Station(bundle, store_root, trusted, threshold=0.3, top_k=3, threads=threads)
     for i, task in enumerate(TASKS):
         p = folder / f"{task}-1.kpk"
         build_bundle_pack(p, meta, shapes, signer, task, 1, seed=i + 1, instruction=INSTRUCTIONS[i],
                           engine=engine, image=load_rgb(images[i]), golden=1)
         st.install(p)
+    return st, images, meta, shapes, folder, engine
+
+
+def bench_hot_swap(bundle: Path, seconds: float, work: Path, signer, trusted, fillers: int = 7) -> dict:
+    from kaizen.runtime.preprocess import load_rgb
+
+    st, images, meta, shapes, folder, engine = station_with_tasks(bundle, work, "hot", signer, trusted, THREADS)
     for j in range(fillers):
         p = folder / f"fill{j}-1.kpk"
         build_bundle_pack(p, meta, shapes, signer, f"fill{j}", 1, seed=500 + j, instruction=f"Filler {j}?")
