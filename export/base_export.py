@@ -1,6 +1,6 @@
 """Export a frozen base (LLaVA + CLIP query encoder) to an ONNX base bundle, once per base.
 
-    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|int8]
+    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8]
 
 Writes vision.onnx, embed.npy, decoder.onnx (KV cache + every LoRA A/B as an optional input with
 a zero default), clip_image.onnx, clip_text.onnx, tokenizers, preprocess.json and base.json (sha256
@@ -33,7 +33,7 @@ from .wrappers import (
     add_lora_slots,
 )
 
-PRECISIONS = ("fp32", "int8")  # fp16 for GPUs is not implemented yet (see README)
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def _dims():
@@ -41,16 +41,22 @@ def _dims():
     return D("batch", max=256), D("seq", max=4096), D("past", max=4096)
 
 
-def export_vision(base: Base, out: Path) -> None:
+def _as(model, dtype):
+    """The model itself in fp32; a converted copy otherwise (the fp32 original serves the parity check)."""
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+
+def export_vision(base: Base, out: Path, dtype=torch.float32) -> None:
     batch, _, _ = _dims()
     size = base.preprocess.size
-    export_graph(VisionWrapper(base.model), (torch.randn(2, 3, size, size),), out / "vision.onnx",
+    export_graph(VisionWrapper(_as(base.model, dtype)), (torch.randn(2, 3, size, size, dtype=dtype),),
+                 out / "vision.onnx",
                  ["pixel_values"], ["image_features"], {"pixel_values": {0: batch}})
 
 
-def export_decoder(base: Base, out: Path, rank: int, targets) -> dict:
+def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float32) -> dict:
     """Export the language model + head with KV cache and LoRA inputs; return the LoRA shapes."""
-    model = copy.deepcopy(base.model)
+    model = copy.deepcopy(base.model).to(dtype)
     text = model.config.text_config
     shapes = add_lora_slots(model.model.language_model, targets, rank)
     dec = DecoderWrapper(model, targets).eval()
@@ -58,9 +64,9 @@ def export_decoder(base: Base, out: Path, rank: int, targets) -> dict:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     batch, seq, past = _dims()
     b, s, p = 2, 5, 3
-    past_t = [torch.randn(b, kv, p, head_dim) for _ in range(2 * n_layers)]
-    lora_t = [torch.randn(*shape) * 0.01 for shape in shapes.values()]
-    args = (torch.randn(b, s, text.hidden_size), torch.ones(b, p + s, dtype=torch.long),
+    past_t = [torch.randn(b, kv, p, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
+    lora_t = [(torch.randn(*shape) * 0.01).to(dtype) for shape in shapes.values()]
+    args = (torch.randn(b, s, text.hidden_size, dtype=dtype), torch.ones(b, p + s, dtype=torch.long),
             torch.arange(p, p + s).repeat(b, 1), past_t, lora_t)
     names_in = ["inputs_embeds", "attention_mask", "position_ids"]
     names_in += [f"past.{i}.{kv_}" for i in range(n_layers) for kv_ in ("key", "value")] + list(shapes)
@@ -69,17 +75,18 @@ def export_decoder(base: Base, out: Path, rank: int, targets) -> dict:
            "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past}] * (2 * n_layers),
            "lora": [None] * len(shapes)}
     export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn)
-    add_zero_defaults(out / "decoder.onnx", shapes)
+    add_zero_defaults(out / "decoder.onnx", shapes, np.float16 if dtype == torch.float16 else np.float32)
     return {k: list(v) for k, v in shapes.items()}
 
 
-def export_clip(clip: Clip, out: Path) -> None:
+def export_clip(clip: Clip, out: Path, dtype=torch.float32) -> None:
     batch, _, _ = _dims()
     size = clip.preprocess.size
-    export_graph(ClipImageWrapper(clip.model), (torch.randn(2, 3, size, size),), out / "clip_image.onnx",
+    model = _as(clip.model, dtype)
+    export_graph(ClipImageWrapper(model), (torch.randn(2, 3, size, size, dtype=dtype),), out / "clip_image.onnx",
                  ["pixel_values"], ["image_embeds"], {"pixel_values": {0: batch}})
     ids = torch.ones(2, clip.max_len, dtype=torch.long)
-    export_graph(ClipTextWrapper(clip.model), (ids, torch.ones_like(ids)), out / "clip_text.onnx",
+    export_graph(ClipTextWrapper(model), (ids, torch.ones_like(ids)), out / "clip_text.onnx",
                  ["input_ids", "attention_mask"], ["text_embeds"],
                  {"input_ids": {0: batch}, "attention_mask": {0: batch}})
 
@@ -123,10 +130,11 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    export_vision(base, out)
-    shapes = export_decoder(base, out, rank, targets)
-    export_clip(clip, out)
-    if precision != "fp32":
+    dtype = torch.float16 if precision == "fp16" else torch.float32  # fp16: weights and activations
+    export_vision(base, out, dtype)
+    shapes = export_decoder(base, out, rank, targets, dtype)
+    export_clip(clip, out, dtype)
+    if precision == "int8":
         from .quantize import convert_precision
 
         convert_precision(out, precision)

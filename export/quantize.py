@@ -3,8 +3,8 @@
 - int8: weight-only int8 for decoder.onnx (per-output-channel symmetric scales). Every MatMul
   whose weight is a 2-D float initializer gets `DequantizeLinear(int8, scale) -> MatMul`:
   weights are stored in int8 (about 4x smaller), compute stays fp32. Tolerance in parity.py.
-- fp16 (for GPUs) is not implemented yet: it needs a float16 re-export and a CUDA machine for
-  its parity check (ONNX Runtime's CPU provider lacks fp16 kernels for several ops).
+- fp16 (for GPUs) is not a rewrite: export/base_export.py exports the graphs from a float16 copy
+  of the models, and the parity check compares them with the fp32 torch model.
 """
 
 from __future__ import annotations

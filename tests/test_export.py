@@ -79,3 +79,18 @@ def test_int8_weight_only_export(tiny_llama, tmp_path):
     assert (tmp_path / "int8" / "decoder.onnx").stat().st_size < 0.65 * (fp32 / "decoder.onnx").stat().st_size
     rep = json.loads((tmp_path / "int8" / "parity.json").read_text())
     assert rep["max_abs_diff_logits"] < 0.5  # measured cost, recorded in parity.json
+
+
+def test_fp16_export_runs_and_passes_parity(tiny_llama, tmp_path):
+    """fp16 bundles (for GPUs) are checked here on ONNX Runtime's CPU provider against fp32 torch."""
+    base_dir, fp32 = tiny_llama
+    meta = export_bundle(base_dir, tmp_path / "fp16", precision="fp16", log=lambda *_: None)
+    assert meta["precision"] == "fp16"
+    assert meta["fingerprint"] == json.loads((fp32 / "base.json").read_text())["fingerprint"]
+    rep = json.loads((tmp_path / "fp16" / "parity.json").read_text())
+    assert rep["tokens_equal"] and rep["max_abs_diff_logits"] < 0.1
+    eng = Engine(Bundle.open(tmp_path / "fp16"))
+    assert eng.float == np.float16
+    assert (tmp_path / "fp16" / "decoder.onnx").stat().st_size < 0.8 * (fp32 / "decoder.onnx").stat().st_size
+    g = eng.generate(fixed_images(64, n=1), ["Is it damaged?"], lora=random_lora(eng.lora_shapes, 2), max_new_tokens=3)
+    assert 0 < g[0].confidence <= 1

@@ -1,10 +1,11 @@
-"""Benchmark: the accuracy cost of the int8 weight-only decoder on a trained run.
+"""Benchmark: the accuracy cost of a lower-precision bundle (fp16 or int8) on a trained run.
 
-    .venv/bin/python bench/int8.py RUN FP32_BUNDLE INT8_BUNDLE
+    .venv/bin/python bench/precision.py RUN FP32_BUNDLE OTHER_BUNDLE
 
 Exports every task of RUN (a `kaizen train --method kaizen` run on the bundles' base) as a pack,
 installs them into one Station per bundle, answers every test part of the run's stream on both,
-and prints accuracy for each and the share of identical answers. Writes reports/bench/int8.json.
+and prints accuracy for each and the share of identical answers. Writes
+reports/bench/precision-<precision>.json.
 """
 
 from __future__ import annotations
@@ -44,21 +45,22 @@ def answers_on(bundle: str, run: Path, res: dict, tasks, key) -> list[str]:
 
 
 def main() -> None:
-    run, fp32, int8 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    run, fp32, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    name = json.loads((Path(other) / "base.json").read_text())["precision"]
     res = json.loads((run / "results.json").read_text())
     cfg = res["config"]
     tasks = resolve_stream(cfg["stream"], seed=cfg["seed"], n_train=cfg["n_train"], n_test=cfg["n_test"])
     gold = [s.answer for t in tasks for s in t.test]
     key = generate_signing_key()
-    got = {name: answers_on(b, run, res, tasks, key) for name, b in (("fp32", fp32), ("int8", int8))}
+    got = {"fp32": answers_on(fp32, run, res, tasks, key), name: answers_on(other, run, res, tasks, key)}
     acc = {n: 100 * float(np.mean([normalize_answer(a) == normalize_answer(g) for a, g in zip(v, gold)]))
            for n, v in got.items()}
-    same = 100 * float(np.mean([a == b for a, b in zip(got["fp32"], got["int8"])]))
-    print(f"| bundle | accuracy % |\n|---|---|\n| fp32 | {acc['fp32']:.1f} |\n| int8 | {acc['int8']:.1f} |")
-    print(f"int8 answers identical to fp32 on {same:.1f} % of {len(gold)} test parts")
+    same = 100 * float(np.mean([a == b for a, b in zip(got["fp32"], got[name])]))
+    print(f"| bundle | accuracy % |\n|---|---|\n| fp32 | {acc['fp32']:.1f} |\n| {name} | {acc[name]:.1f} |")
+    print(f"{name} answers identical to fp32 on {same:.1f} % of {len(gold)} test parts")
     out = Path("reports/bench")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "int8.json").write_text(json.dumps({"accuracy": acc, "identical_pct": same, "parts": len(gold)}, indent=2))
+    (out / f"precision-{name}.json").write_text(json.dumps({"accuracy": acc, "identical_pct": same, "parts": len(gold)}, indent=2))
 
 
 if __name__ == "__main__":
