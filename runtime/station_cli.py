@@ -85,7 +85,7 @@ def cli_status(argv: list[str]) -> int:
     except ProtocolError:
         status = {"running": False, "packs": _offline_packs(cfg)}
     _print(status, a.json)
-    return 0
+    return 0 if status["running"] else 3  # 3: not running (the store was read directly)
 
 
 def _offline_packs(cfg) -> list[dict]:
@@ -100,20 +100,30 @@ def _offline_packs(cfg) -> list[dict]:
         return store.list()
 
 
+def _running(endpoint: str) -> bool:
+    """Whether a station answers a status request on `endpoint` within 2 s."""
+    from .endpoint import InferenceClient
+
+    try:
+        with InferenceClient(endpoint, timeout_ms=2000) as client:
+            client.status()
+        return True
+    except ProtocolError:
+        return False
+
+
 def cli_rollback(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kaizen station rollback", description="return a task to its previous pack")
     ap.add_argument("task", help="task id")
     ap.add_argument("--config", required=True, help="station.toml")
     a = ap.parse_args(argv)
     cfg = _config(a.config)
-    from .endpoint import InferenceClient
+    if _running(cfg.inference_endpoint):
+        from .endpoint import InferenceClient
 
-    try:
         with InferenceClient(cfg.inference_endpoint, timeout_ms=30000) as client:
             result = client.rollback(a.task)
-    except ProtocolError as err:
-        if "timeout" not in str(err) and "cannot send" not in str(err):
-            raise
+    else:
         from .daemon_state import station_from_config
 
         print("station not running: rolling back in its store directly", file=sys.stderr)

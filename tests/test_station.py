@@ -1,6 +1,7 @@
 """The Station: install with probe, dual-modality selection, no-match, explicit task, batching,
 threads while packs install and roll back."""
 
+import json
 import threading
 
 import numpy as np
@@ -179,3 +180,31 @@ def test_rolled_back_version_is_not_reinstalled(station, engine, signer, tmp_pat
     with pytest.raises(PackError, match="rolled back on this station"):
         station.install(tmp_path / f"{task}-2.kpk")
     assert station.install(tmp_path / f"{task}-3.kpk").version == 3
+
+
+def test_station_cli_status_and_rollback_without_a_running_station(tiny_llama, engine, signer, tmp_path, capsys):
+    """`kaizen station status|rollback --config` work on the store directly when no station runs."""
+    from kaizen.runtime.cli import main as kaizen
+    from kaizen.runtime.keys import save_signing_key
+
+    keys = tmp_path / "trusted"
+    save_signing_key(signer, keys, "signer")
+    (keys / "signer.ed25519.key").unlink()
+    img, instr = fixed_images(64, n=1, seed=5)[0], "Is the seal torn?"
+    for v in (1, 2):
+        make_pack(tmp_path / f"seal-{v}.kpk", engine, signer, "seal", v, img, instr, seed=30 + v)
+    st = Station(tiny_llama[1], tmp_path / "store", TrustedKeys.from_dir(keys))
+    st.install(tmp_path / "seal-1.kpk")
+    st.install(tmp_path / "seal-2.kpk")
+    st.close()
+    cfg = tmp_path / "station.toml"
+    cfg.write_text(f'station_id = "line1/s1"\nhub_endpoint = "tcp://127.0.0.1:9"\nhub_public_key_file = "hub.pub"\n'
+                   f'public_key_file = "s.pub"\nsecret_key_file = "s.key"\nbundle_dir = "{tiny_llama[1]}"\n'
+                   f'store_dir = "store"\ntrusted_keys_dir = "trusted"\nstate_dir = "fleet"\n'
+                   f'inference_endpoint = "ipc://{tmp_path}/none.ipc"\n')
+    capsys.readouterr()
+    assert kaizen(["station", "status", "--config", str(cfg), "--json"]) == 3  # not running
+    status = json.loads(capsys.readouterr().out)
+    assert status["running"] is False and status["packs"][0]["version"] == 2
+    assert kaizen(["station", "rollback", "seal", "--config", str(cfg)]) == 0
+    assert "seal is now at version 1" in capsys.readouterr().out
