@@ -72,6 +72,8 @@ class StationConfig:
     heartbeat_s: float = 5.0
     hub_timeout_s: float = 15.0           # silence after which the DEALER is reopened
     credit: int = 4                       # chunks in flight per transfer
+    providers: list = field(default_factory=list)  # ONNX Runtime EPs in order; [] = CUDA if present, else CPU
+    threads: int = 0                      # ORT intra-op threads; 0 = ORT's choice
     source: str = "<station config>"      # the file it came from (for error messages)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,12 @@ class StationConfig:
             raise _fail(src, "hub_timeout_s", f"{self.hub_timeout_s} must exceed heartbeat_s "
                         f"({self.heartbeat_s}), e.g. 3 x heartbeat_s")
         _check_positive(src, "credit", self.credit, integer=True)
+        if not isinstance(self.providers, list) or not all(
+                isinstance(p, str) and p.endswith("ExecutionProvider") for p in self.providers):
+            raise _fail(src, "providers", f"{self.providers!r} must be a list such as "
+                        '["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]')
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise _fail(src, "threads", f"{self.threads!r} must be an integer >= 0 (0 = ONNX Runtime's choice)")
         if self.credit > 64:
             raise _fail(src, "credit", f"{self.credit} is too large (at most 64 chunks in flight)")
 

@@ -69,7 +69,7 @@ def station_from_config(cfg):
 
     trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
     return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
-                   top_k=cfg.top_k)
+                   top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads)
 
 
 @dataclass

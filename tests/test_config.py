@@ -125,3 +125,23 @@ def test_missing_and_invalid_files(tmp_path):
     bad = write(tmp_path, "bad.toml", "station_id = [\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_hub_config(bad)
+
+
+def test_station_providers_and_threads_are_validated(tmp_path):
+    from kaizen.runtime.config import load_station_config
+    from kaizen.runtime.errors import ConfigError
+
+    base = ('station_id = "line1/s1"\nhub_endpoint = "tcp://127.0.0.1:9"\nhub_public_key_file = "h.pub"\n'
+            'public_key_file = "s.pub"\nsecret_key_file = "s.key"\nbundle_dir = "b"\nstore_dir = "st"\n'
+            'trusted_keys_dir = "t"\nstate_dir = "f"\n')
+    ok = tmp_path / "ok.toml"
+    ok.write_text(base + 'providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]\nthreads = 1\n')
+    cfg = load_station_config(ok)
+    assert cfg.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"] and cfg.threads == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + 'providers = ["cuda"]\n')
+    with pytest.raises(ConfigError, match=r"bad.toml.*providers"):
+        load_station_config(bad)
+    bad.write_text(base + "threads = -1\n")
+    with pytest.raises(ConfigError, match=r"bad.toml.*threads"):
+        load_station_config(bad)
