@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: anything else pulls multi-GB CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[trainer,dev]"
+	# the [openclip] query-encoder path, tested with a torchvision stub (never install torchvision/timm)
+	$(BIN)/python -m pip install -q --no-deps open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 	touch $(STAMP)
 
 demo: venv

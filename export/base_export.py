@@ -79,11 +79,12 @@ def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float3
     return {k: list(v) for k, v in shapes.items()}
 
 
-def export_clip(clip: Clip, out: Path, dtype=torch.float32) -> None:
+def export_clip(clip: Clip, out: Path) -> None:
+    """The CLIP towers, always fp32 (small next to the VLM; fp16 open_clip graphs crash ORT 1.32's optimizer)."""
     batch, _, _ = _dims()
     size = clip.preprocess.size
-    model = _as(clip.model, dtype)
-    export_graph(ClipImageWrapper(model), (torch.randn(2, 3, size, size, dtype=dtype),), out / "clip_image.onnx",
+    model = clip.model
+    export_graph(ClipImageWrapper(model), (torch.randn(2, 3, size, size),), out / "clip_image.onnx",
                  ["pixel_values"], ["image_embeds"], {"pixel_values": {0: batch}})
     ids = torch.ones(2, clip.max_len, dtype=torch.long)
     export_graph(ClipTextWrapper(model), (ids, torch.ones_like(ids)), out / "clip_text.onnx",
@@ -95,7 +96,7 @@ def write_meta(base: Base, clip: Clip, out: Path, rank: int, targets, shapes: di
     text = base.model.config.text_config
     np.save(out / "embed.npy", base.model.get_input_embeddings().weight.detach().numpy().astype(np.float32))
     shutil.copy(base.path / "tokenizer.json", out / "tokenizer.json")
-    shutil.copy(clip.path / "tokenizer.json", out / "clip_tokenizer.json")
+    (out / "clip_tokenizer.json").write_bytes(clip.tokenizer_bytes())
     (out / "preprocess.json").write_text(json.dumps(
         {"vision": base.preprocess.to_dict(), "clip": clip.preprocess.to_dict()}, indent=2))
     meta = {
@@ -133,7 +134,7 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     dtype = torch.float16 if precision == "fp16" else torch.float32  # fp16: weights and activations
     export_vision(base, out, dtype)
     shapes = export_decoder(base, out, rank, targets, dtype)
-    export_clip(clip, out, dtype)
+    export_clip(clip, out)
     if precision == "int8":
         from .quantize import convert_precision
 

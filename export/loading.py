@@ -45,6 +45,12 @@ class Clip:
     tokenizer: Tokenizer
     preprocess: PreprocessConfig
     max_len: int
+    tokenizer_json: str | None = None  # set when there is no tokenizer.json file (open_clip: converted BPE)
+
+    def tokenizer_bytes(self) -> bytes:
+        if self.tokenizer_json is not None:
+            return self.tokenizer_json.encode()
+        return (self.path / "tokenizer.json").read_bytes()
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -105,10 +111,15 @@ def _hf_preprocess(path: Path, size: int) -> dict:
 
 
 def load_clip(path: str | Path) -> Clip:
-    """Load a local transformers CLIPModel folder as the frozen query encoder."""
+    """Load a local transformers CLIPModel folder (or open_clip hub-layout folder) as the frozen query encoder."""
     from transformers import CLIPModel
 
     path = Path(path)
+    if (path / "open_clip_config.json").is_file():
+        from .openclip import load_openclip
+
+        model, tokenizer, pre, max_len = load_openclip(path)
+        return Clip(path, model, tokenizer, PreprocessConfig.from_dict(pre), max_len, tokenizer.to_str())
     _check_folder(path, "clip", "CLIP query encoder")
     model = CLIPModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
     model.requires_grad_(False)
@@ -127,5 +138,5 @@ def base_fingerprint(base: Base, clip: Clip) -> str:
             h.update(f"{name}.{key}:{tuple(tensor.shape)}".encode())
             h.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
     h.update((base.path / "tokenizer.json").read_bytes())
-    h.update((clip.path / "tokenizer.json").read_bytes())
+    h.update(clip.tokenizer_bytes())
     return h.hexdigest()
