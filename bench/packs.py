@@ -167,27 +167,11 @@ def bench_selection_synthetic(preset: str, counts: list[int], reps: int, work: P
     """Selection on a bigger base without installing 1000 packs: a real Station with the 3 matching
     packs (Station.install, golden probe) gives the per-part latency and the CLIP query times; the
     numpy score + top-k runs over N keys (the 3 real ones + N-3 random unit keys)."""
-    from kaizen.runtime.bundle import Bundle
-    from kaizen.runtime.engine import Engine
     from kaizen.runtime.preprocess import load_rgb
     from kaizen.runtime.selection import normalise
-    from kaizen.runtime.station import Station
 
     _, bundle = ensure_base(preset)
-    meta, shapes = bundle_lora_shapes(bundle)
-    engine = Engine(Bundle.open(bundle, threads=THREADS))
-    images = query_images(engine.vision_pre.size)
-    store_root, packs_dir = work / f"syn-{preset}-store", work / f"syn-{preset}-packs"
-    shutil.rmtree(store_root, ignore_errors=True)
-    shutil.rmtree(packs_dir, ignore_errors=True)
-    packs_dir.mkdir(parents=True)
-    st = Station(bundle, store_root, trusted, threshold=0.3, top_k=3, threads=THREADS)
-    for i, task in enumerate(TASKS):
-        p = packs_dir / f"{task}-1.kpk"
-        build_bundle_pack(p, meta, shapes, signer, task, 1, seed=i + 1, instruction=INSTRUCTIONS[i],
-                          engine=engine, image=load_rgb(images[i]), golden=1)
-        st.install(p)
-    del engine
+    st, images, *_ = station_with_tasks(bundle, work, f"syn-{preset}", signer, trusted, THREADS)
     for i in range(3):
         st.infer(images[i], INSTRUCTIONS[i])
     tm = []
