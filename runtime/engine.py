@@ -92,6 +92,9 @@ class Engine:
             if name not in self.lora_shapes:
                 raise PackError(f"LoRA input {name!r} does not exist in this base's decoder.onnx")
             want = self.lora_shapes[name]
+            if arr.shape == want and arr.dtype == self.float:
+                feeds[name] = arr  # already padded for this bundle (the Station pads once per pack)
+                continue
             arr = np.asarray(arr, dtype=np.float32)
             is_a = name.endswith(".A")
             fixed_ok = arr.shape[1] == want[1] if is_a else arr.shape[0] == want[0]
@@ -178,23 +181,22 @@ class Engine:
         feeds_lora = self.lora_feeds(lora)
         feats = self.image_features(images) if image_feats is None else image_feats
         cand = [answer_ids(self.tok, self.spec, a) for a in answers]
-        width = max(len(c) for c in cand)
+        n, width = len(cand), max(len(c) for c in cand)
+        ids = np.zeros((n, width), dtype=np.int64)
+        amask = np.zeros((n, width), dtype=np.int64)
+        for k, c in enumerate(cand):
+            ids[k, : len(c)] = c
+            amask[k, : len(c)] = 1
+        cand_embeds = self.embed[ids].astype(self.float)  # the same for every image
         results = []
         for b in range(len(images)):
             embeds, mask, pos = self.build_inputs([images[b]], [instructions[b]], prompt, feats[b:b + 1])
             logits, past = self._run(embeds, mask, pos, self._empty_past(1), feeds_lora)
             first = _softmax_log(logits[0, -1])
-            n = len(answers)
-            ids = np.zeros((n, width), dtype=np.int64)
-            amask = np.zeros((n, width), dtype=np.int64)
-            for k, c in enumerate(cand):
-                ids[k, : len(c)] = c
-                amask[k, : len(c)] = 1
             rep = {k: np.repeat(v, n, axis=0) for k, v in past.items()}
             full_mask = np.concatenate([np.repeat(mask, n, axis=0), amask], axis=1)
             apos = pos[:, -1:] + 1 + np.arange(width)[None, :]
-            lg, _ = self._run(self.embed[ids].astype(self.float), full_mask, np.repeat(apos, n, axis=0), rep,
-                              feeds_lora)
+            lg, _ = self._run(cand_embeds, full_mask, np.repeat(apos, n, axis=0), rep, feeds_lora)
             lp = _softmax_log(lg)
             totals = np.array([first[c[0]] + sum(lp[k, j - 1, c[j]] for j in range(1, len(c)))
                                for k, c in enumerate(cand)])
