@@ -26,13 +26,18 @@ def _processes_in(folder: Path) -> list[int]:
     return found
 
 
+def run_demo(work: Path, report: Path, baselines: str) -> subprocess.CompletedProcess:
+    """`kaizen demo` in a fresh interpreter on a miniature setting (2 stations, 8 train / 3 test parts)."""
+    cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
+           "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3",
+           "--epochs", "1", "--baselines", baselines]
+    env = dict(os.environ, KAIZEN_PROGRESS="0")
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
 def test_demo_end_to_end_small(tmp_path):
     work, report = tmp_path / "work", tmp_path / "report"
-    cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
-           "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
-           "--baselines", "lora_ft"]
-    env = dict(os.environ, KAIZEN_PROGRESS="0")
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = run_demo(work, report, "lora_ft")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((report / "report.json").read_text())
     assert data["parts"]["agreement"] == 100.0
@@ -49,13 +54,9 @@ def test_demo_end_to_end_small(tmp_path):
 @pytest.mark.slow
 def test_demo_second_run_reuses_everything(tmp_path):
     work, report = tmp_path / "work", tmp_path / "report"
-    cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
-           "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3", "--epochs", "1",
-           "--baselines", ""]
-    env = dict(os.environ, KAIZEN_PROGRESS="0")
-    first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    first = run_demo(work, report, "")
     assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    second = run_demo(work, report, "")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reusing the pretrained tiny base" in second.stdout and "reusing the base bundle" in second.stdout
     assert "reusing the finished kaizen run" in second.stdout
