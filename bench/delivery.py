@@ -3,7 +3,7 @@ round-trip overhead over a direct Station.infer call.
 
     .venv/bin/python bench/delivery.py [--quick] [--stations 1,10,50] [--packs 8]
 
-Delivery: trainer/fleet_sim.run_fleet (one hub + N station daemons as threads in this process,
+Delivery: hub/fleet_sim.run_fleet (one hub + N station daemons as threads in this process,
 CURVE-encrypted ZeroMQ, per-chunk sha256, whole-file sha256, verify + install into each
 station's PackStore) publishes `--packs` signed packs shaped for the tiny-llama bundle (rank-8
 LoRA on every LoRA input, 10 prompt tokens, 1 golden sample: ~105 KB each) and runs until every
@@ -142,7 +142,7 @@ def local_install_floor(files: list[Path], trusted, fingerprint: str, folder: Pa
 
 def fleet_run(n: int, files: list[Path], trusted, fingerprint: str, faults, deadline: float, root: Path,
               chunk_size: int) -> dict:
-    from kaizen.trainer.fleet_sim import run_fleet
+    from kaizen.hub.fleet_sim import run_fleet
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -269,7 +269,7 @@ def main() -> None:
         a.large_packs = 0 if q else 4
 
     from kaizen.runtime.keys import TrustedKeys, generate_signing_key
-    from kaizen.trainer.fleet_sim import FleetFaults
+    from kaizen.hub.fleet_sim import FleetFaults
 
     work = WORK / "delivery"
     work.mkdir(parents=True, exist_ok=True)

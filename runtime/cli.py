@@ -17,7 +17,7 @@ from .errors import ExtraMissingError, KaizenError
 
 # (words...) -> (target, one-line help). Keep sorted by group; README's CLI tour mirrors it.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("demo",): ("kaizen.trainer.demo:main", "run the whole story end to end on the tiny base"),
+    ("demo",): ("kaizen.trainer.demo.run:main", "run the whole story end to end on the tiny base"),
     ("base", "init"): ("kaizen.trainer.bases:cli_init", "write a built-in tiny base (+ tiny CLIP) folder"),
     ("base", "pretrain"): ("kaizen.trainer.pretrain:cli_main", "pretrain a tiny base and CLIP on generic data"),
     ("base", "export"): ("kaizen.export.base_export:cli_main", "export a base folder to an ONNX bundle"),
@@ -29,9 +29,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pack", "verify"): ("kaizen.runtime.pack_cli:cli_verify", "verify a pack's signature and hashes"),
     ("pack", "sign"): ("kaizen.runtime.pack_cli:cli_sign", "(re)sign a pack with a signing key"),
     ("keys", "gen"): ("kaizen.runtime.keys:cli_gen", "generate Ed25519 signing or CURVE keys"),
-    ("hub", "serve"): ("kaizen.trainer.hub:cli_serve", "run the fleet hub"),
-    ("hub", "publish"): ("kaizen.trainer.hub:cli_publish", "publish a pack to stations"),
-    ("fleet", "status"): ("kaizen.trainer.hub:cli_status", "print per-station delivery state"),
+    ("hub", "serve"): ("kaizen.hub.cli:cli_serve", "run the fleet hub"),
+    ("hub", "publish"): ("kaizen.hub.cli:cli_publish", "publish a pack to stations"),
+    ("fleet", "status"): ("kaizen.hub.cli:cli_status", "print per-station delivery state"),
     ("station", "serve"): ("kaizen.runtime.daemon:cli_serve", "run a station (hub link + inference endpoint)"),
     ("station", "status"): ("kaizen.runtime.station_cli:cli_status", "print a station's packs and health"),
     ("station", "rollback"): ("kaizen.runtime.station_cli:cli_rollback", "return a task to its previous pack"),

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kaizen.runtime.config import HubConfig, StationConfig, load_hub_config, load_station_config
+from kaizen.hub.config import HubConfig, load_hub_config
+from kaizen.runtime.config import StationConfig, load_station_config
 from kaizen.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

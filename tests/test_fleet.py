@@ -1,6 +1,6 @@
 """The fleet link on loopback: publish -> stations activate; allow-list; rejections; replays.
 
-Hub and station daemons run as threads in this process (trainer/fleet_sim.py). Every wait is
+Hub and station daemons run as threads in this process (hub/fleet_sim.py). Every wait is
 bounded; the fixture stops every thread.
 """
 
@@ -19,9 +19,9 @@ from kaizen.runtime.keys import (
     load_curve_public,
 )
 from kaizen.runtime.protocol import Message, decode
-from kaizen.trainer import hub as hub_cli
-from kaizen.trainer.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
-from kaizen.trainer.hub_db import HubDB
+from kaizen.hub import cli as hub_cli
+from kaizen.hub.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
+from kaizen.hub.db import HubDB
 
 FP = "test-base-fp"
 WAIT = 20.0

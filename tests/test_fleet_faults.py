@@ -1,6 +1,6 @@
 """Fleet link under faults: hub restart mid-transfer, station restart, corrupt chunks, a faulty fleet.
 
-All on loopback, threads in this process (trainer/fleet_sim.py), bounded waits. The 10-station
+All on loopback, threads in this process (hub/fleet_sim.py), bounded waits. The 10-station
 fleet with random disconnects and 5% corrupt chunks runs unmarked; a bigger one is marked slow.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from kaizen.runtime.endpoint import InferenceClient, InferenceServer
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 from kaizen.runtime.outbox import Outbox
-from kaizen.trainer.fleet_sim import Fleet, FleetFaults, make_test_packs, run_fleet, wait_until
-from kaizen.trainer.hub import HubFaults
+from kaizen.hub.fleet_sim import Fleet, FleetFaults, make_test_packs, run_fleet, wait_until
+from kaizen.hub.server import HubFaults
 
 FP = "test-base-fp"
 WAIT = 30.0

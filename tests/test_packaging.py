@@ -12,6 +12,7 @@ from kaizen.runtime import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = ["torch", "transformers", "peft", "open_clip", "accelerate", "kaizen.trainer", "kaizen.export"]
+RUNTIME_FORBIDDEN = [*FORBIDDEN, "kaizen.hub"]
 
 
 def _modules_loaded_by(code: str) -> set[str]:
@@ -26,8 +27,15 @@ def test_runtime_imports_no_torch():
     runtime_modules = [p.stem for p in (ROOT / "runtime").glob("*.py") if p.stem not in ("__init__", "__main__")]
     code = "import kaizen.runtime\n" + "".join(f"import kaizen.runtime.{m}\n" for m in runtime_modules)
     loaded = _modules_loaded_by(code)
-    bad = sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
+    bad = sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in RUNTIME_FORBIDDEN))
     assert not bad, f"kaizen.runtime pulled in {bad}"
+
+
+def test_hub_imports_no_torch_and_no_trainer():
+    hub_modules = [p.stem for p in (ROOT / "hub").glob("*.py") if p.stem != "__init__"]
+    loaded = _modules_loaded_by("import kaizen.hub\n" + "".join(f"import kaizen.hub.{m}\n" for m in hub_modules))
+    bad = sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
+    assert not bad, f"kaizen.hub pulled in {bad}"
 
 
 def test_declared_packages_match_folders():
@@ -45,7 +53,7 @@ def test_declared_packages_match_folders():
 def test_every_cli_target_resolves():
     for words, (target, _) in cli.COMMANDS.items():
         module, func = target.split(":")
-        path = ROOT / module.split(".")[1] / (module.split(".")[2].replace(".", "/") + ".py")
+        path = ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
         assert path.exists(), f"`kaizen {' '.join(words)}` points at missing {path}"
         assert f"def {func}(" in path.read_text(), f"{target} has no function {func}"
 

@@ -25,9 +25,9 @@ from PIL import Image
 
 from kaizen.runtime.errors import KaizenError
 
-from . import checkpoint as ck
-from .demo_fleet import DemoFleet
-from .progress import progress
+from .. import checkpoint as ck
+from .fleet import DemoFleet
+from ..progress import progress
 
 STAGES: dict[str, float] = {}
 
@@ -42,8 +42,8 @@ def stage(name: str, t0: float) -> None:
 
 
 def ensure_base(work: Path, steps: int, clip_steps: int) -> Path:
-    from .bases import init_base
-    from .pretrain import pretrain
+    from ..bases import init_base
+    from ..pretrain import pretrain
 
     base = work / "base"
     info = base / "kaizen_base.json"
@@ -73,15 +73,15 @@ def ensure_bundle(base: Path, work: Path) -> Path:
 
 
 def train_config(method: str, base: Path, work: Path, a):
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     return TrainConfig(base=str(base), out=str(work / "runs" / method), method=method, seed=a.seed,
                        n_train=a.n_train, n_test=a.n_test, epochs=a.epochs)
 
 
 def run_method(method: str, base: Path, work: Path, a, shared, on_task=None) -> dict:
-    from .compare import _reusable
-    from .train import train
+    from ..compare import _reusable
+    from ..train import train
 
     cfg = train_config(method, base, work, a)
     results = _reusable(cfg, Path(cfg.out))
@@ -127,7 +127,7 @@ class Delivery:
 
 def query_stations(fleet: DemoFleet, tasks, predictions: dict) -> dict:
     """Send every test part to the stations (round robin); compare with the trainer's answers."""
-    from .data.types import normalize_answer
+    from ..data.types import normalize_answer
 
     rows, n = [], fleet.n
     clients = [fleet.client(i) for i in range(n)]
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=10)
     a = ap.parse_args(argv)
-    from .demo_report import write_report
-    from .train import Shared
+    from .report import write_report
+    from ..train import Shared
 
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
-from kaizen.runtime.config import HubConfig
+from .config import HubConfig
 from kaizen.runtime.durable import fsync_dir, sha256_file
 from kaizen.runtime.errors import PackError
 from kaizen.runtime.manifest import Manifest
 from kaizen.runtime.tarsafe import TarLimits, read_members
 
-from .hub_db import HubDB, PackRecord
+from .db import HubDB, PackRecord
 
 
 def read_pack_manifest(path: Path) -> Manifest:

@@ -1,39 +1,34 @@
-"""The trainer hub: serves task packs to allow-listed stations over ZeroMQ (CURVE), state in SQLite.
+"""The fleet hub's server: serves task packs to allow-listed stations over ZeroMQ (CURVE), state in SQLite.
 
     kaizen hub serve --config hub.toml                    # run the hub (Ctrl-C to stop)
     kaizen hub publish pick-3.kpk --to 'line1/*' --config hub.toml   # or --to @group; works live
     kaizen fleet status --config hub.toml [--json]
 
 A ROUTER socket (CURVE server) takes hello / heartbeat / fetch / report from station DEALERs;
-ZAP (trainer/hub_auth.py) admits only allow-listed station keys and stamps each message with
+ZAP (hub/auth.py) admits only allow-listed station keys and stamps each message with
 the station id, and a hello whose station_id differs from its key's id is refused. Replies:
 desired_state to hello and heartbeat, chunks within the credit to fetch, ack to report. A PUB
 socket announces new publications (hints: stations reconcile on every heartbeat reply anyway).
-Everything durable lives in trainer/hub_db.py. No torch here.
+Everything durable lives in hub/db.py. No torch here.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import random
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import zmq
 
-from kaizen.runtime.config import HubConfig, load_hub_config
-from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.keys import load_curve_public, load_curve_secret
 from kaizen.runtime.protocol import Message, WireError, decode, error_reply, ok_reply
 
-from .hub_auth import ZapHandler
-from .hub_catalog import catalogue_pack, fleet_status, format_status, scan_packs
-from .hub_db import HubDB
+from .auth import ZapHandler
+from .catalog import scan_packs
+from .config import HubConfig
+from .db import HubDB
 
 HUB_TYPES = frozenset({"hello", "heartbeat", "fetch", "report"})
 REVISION_POLL_S = 0.25
@@ -235,67 +230,3 @@ class Hub:
         buf[self._rng.randrange(len(buf))] ^= 0xFF
         self.stats.chunks_corrupted += 1
         return bytes(buf)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="hub.toml")
-
-
-def cli_serve(argv: list[str]) -> int:
-    """`kaizen hub serve --config hub.toml`: run the hub until Ctrl-C / SIGTERM."""
-    parser = argparse.ArgumentParser(prog="kaizen hub serve", description=cli_serve.__doc__)
-    _config_arg(parser)
-    args = parser.parse_args(argv)
-    hub = Hub(load_hub_config(args.config))
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"hub serving on {hub.config.bind} (announce {hub.config.pub_bind}), "
-          f"{len(hub.config.stations)} allow-listed stations", flush=True)
-    try:
-        hub.serve(stop)
-    except KeyboardInterrupt:
-        stop.set()
-    return 0
-
-
-def cli_publish(argv: list[str]) -> int:
-    """`kaizen hub publish PACK.kpk --to TARGET --config hub.toml` (TARGET: glob over ids, or @group)."""
-    parser = argparse.ArgumentParser(prog="kaizen hub publish", description=cli_publish.__doc__)
-    parser.add_argument("pack", type=Path, help="the .kpk file to publish")
-    parser.add_argument("--to", required=True, help="station id glob such as 'line1/*', or @group")
-    _config_arg(parser)
-    args = parser.parse_args(argv)
-    config = load_hub_config(args.config)
-    targets = config.resolve_targets(args.to)
-    if not targets:
-        raise ConfigError(f"{config.source}: --to {args.to!r} matches no allow-listed station "
-                          f"(known: {', '.join(config.station_ids()) or 'none'})")
-    db = HubDB(config.db_path)
-    try:
-        rec = catalogue_pack(db, config.packs_dir, args.pack)
-        db.publish(args.to, rec.name)
-    finally:
-        db.close()
-    print(f"published {rec.name} (task {rec.task_id} v{rec.version}, {rec.size} bytes) "
-          f"to {len(targets)} station(s): {', '.join(targets)}")
-    return 0
-
-
-def cli_status(argv: list[str]) -> int:
-    """`kaizen fleet status --config hub.toml [--json]`: per-station delivery state."""
-    parser = argparse.ArgumentParser(prog="kaizen fleet status", description=cli_status.__doc__)
-    _config_arg(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    config = load_hub_config(args.config)
-    db = HubDB(config.db_path)
-    try:
-        rows = fleet_status(db, config)
-    finally:
-        db.close()
-    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
-    return 0

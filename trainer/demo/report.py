@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import heatmap
+from ..report import heatmap
 
 
 def _plt():

@@ -2,7 +2,7 @@
 
 Used by tests/test_fleet*.py and by the delivery benchmark (bench/). No torch:
 
-    from kaizen.trainer.fleet_sim import FleetFaults, run_fleet
+    from kaizen.hub.fleet_sim import FleetFaults, run_fleet
     result = run_fleet(10, pack_paths, trusted_keys, base_fingerprint="fp",
                        faults=FleetFaults(corrupt_fraction=0.05, disconnect_prob=0.02), deadline=60)
     result.all_activated, result.bytes_sent, result.seconds, result.activation_s
@@ -20,14 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaizen.runtime.config import AllowedStation, HubConfig
+from .config import AllowedStation, HubConfig
 from kaizen.runtime.daemon import FleetLink, StationDaemon
 from kaizen.runtime.keys import TrustedKeys, generate_curve_keypair, load_curve_keypair, load_curve_public
 from kaizen.runtime.store import PackStore
 
-from .hub import Hub, HubFaults
-from .hub_catalog import catalogue_pack, fleet_status
-from .hub_db import HubDB
+from .server import Hub, HubFaults
+from .catalog import catalogue_pack, fleet_status
+from .db import HubDB
 
 
 def free_port() -> int:

@@ -25,8 +25,8 @@ from kaizen.runtime.endpoint import InferenceClient
 from kaizen.runtime.errors import KaizenError
 from kaizen.runtime.keys import generate_curve_keypair, generate_signing_key, save_signing_key
 
-from .hub_catalog import catalogue_pack
-from .hub_db import HubDB
+from kaizen.hub.catalog import catalogue_pack
+from kaizen.hub.db import HubDB
 
 SIGNER = "demo-signer"
 
