@@ -141,8 +141,12 @@ def read_marker(out_dir: Path) -> dict | None:
     return meta
 
 
-def convert_smollm2(out_dir: str | Path) -> dict:
-    """Write the fp32 Hugging Face folder; return its provenance (+ "reused", "seconds", "peak_rss_mb")."""
+def convert_smollm2(out_dir: str | Path, source: tuple | None = None) -> dict:
+    """Write the fp32 Hugging Face folder; return its provenance (+ "reused", "seconds", "peak_rss_mb").
+
+    `source`: the (model, tokenizer) of `load_gguf(find_gguf())` when the caller already holds them
+    (the checks compare against the same load); by default the GGUF is loaded here.
+    """
     out = Path(out_dir)
     t0 = time.perf_counter()
     meta = read_marker(out)
@@ -162,11 +166,12 @@ def convert_smollm2(out_dir: str | Path) -> dict:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
 
-    src, tok = load_gguf(path)
+    src, tok = source if source is not None else load_gguf(path)
     _check_special_tokens(src.config, tok, facts)
     cfg = src.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
+    cfg.pop("_model_name_or_path", None)  # the GGUF's general.name, not a path
     cfg["architectures"] = ["LlamaForCausalLM"]
     config = LlamaConfig.from_dict(cfg)
     with no_init_weights():
@@ -195,6 +200,11 @@ def convert_smollm2(out_dir: str | Path) -> dict:
     tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
     if not tok_cfg.get("chat_template"):
         raise SmolLM2Error("tokenizer_config.json lacks the chat template of the GGUF")
+    for key in ("is_local", "local_files_only"):  # load-time options, not properties of the tokenizer
+        tok_cfg.pop(key, None)
+    # tokenizer.json as is (no class-specific rebuild), loadable by transformers 4.x and 5.x alike
+    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=config.max_position_embeddings)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
     meta = {
         "kind": "smollm2-135m-instruct",
@@ -241,8 +251,11 @@ def _chat_ids(folder: Path, text: str) -> list[int]:
                                         tokenize=True, return_dict=False))
 
 
-def check_smollm2(folder: str | Path, n_new: int = 24) -> dict:
-    """Saved folder vs the GGUF: logits, tokenizer ids, special ids; plus a greedy factual answer."""
+def check_smollm2(folder: str | Path, n_new: int = 24, reference: tuple | None = None) -> dict:
+    """Saved folder vs the GGUF: logits, tokenizer ids, special ids; plus a greedy factual answer.
+
+    `reference`: (model, tokenizer) from `load_gguf(find_gguf())` if already loaded, else loaded here.
+    """
     import torch
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
@@ -251,7 +264,7 @@ def check_smollm2(folder: str | Path, n_new: int = 24) -> dict:
     if read_marker(folder) is None:
         raise SmolLM2Error(f"{folder} is not a complete conversion (no valid {MARKER}); run convert-lm first")
     saved = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
-    ref, ref_tok = load_gguf(find_gguf())
+    ref, ref_tok = reference if reference is not None else load_gguf(find_gguf())
     fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok_mismatch = [s for s in CHECK_SENTENCES
                     if fast.encode(s).ids != ref_tok(s, add_special_tokens=True).input_ids]
@@ -322,13 +335,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the GGUF model and ask it a question")
     ap.add_argument("--bench", action="store_true", help="greedy tokens/s on 1 and 2 threads")
     args = ap.parse_args(argv)
-    meta = convert_smollm2(args.out)
+    source = load_gguf(find_gguf()) if args.check and read_marker(args.out) is None else None
+    meta = convert_smollm2(args.out, source=source)
     report = {k: meta[k] for k in ("reused", "seconds", "peak_rss_mb") if k in meta}
     report["folder_bytes"] = sum(v["bytes"] for v in meta["files"].values())
     report["source"] = meta["source"]
     if args.check or args.bench:
         if args.check:
-            report["check"] = check_smollm2(args.out)
+            report["check"] = check_smollm2(args.out, reference=source)
+            del source
         if args.bench:
             report["speed"] = [generation_speed(args.out, threads=n) for n in (1, 2)]
     print(json.dumps(report, indent=2))
