@@ -53,7 +53,7 @@ from .imagefolder import imagefolder_answers, read_imagefolder
 from .llava_json import read_llava_json
 from .types import KNOWN_METRICS, DataError, Task
 
-BUILTIN_STREAMS = ("inspection",)
+BUILTIN_STREAMS = ("inspection", "realdev")
 COMMON_KEYS = {"id", "format", "answers", "metric", "domain"}
 FORMAT_KEYS = {
     "llava": COMMON_KEYS | {"train", "test", "images"},
@@ -69,6 +69,9 @@ def builtin_stream(name: str = "inspection", seed: int = 0, n_train: int = 200,
     if name not in BUILTIN_STREAMS:
         raise ConfigError(f"unknown built-in stream {name!r}; use one of {list(BUILTIN_STREAMS)} "
                           "or the path of a stream TOML file")
+    if name == "realdev":  # real images (clip art + MNIST): trainer/data/realdev.py
+        from .realdev import realdev_stream
+        return realdev_stream(seed=seed, n_train=n_train, n_test=n_test)
     return synthetic.inspection_stream(seed=seed, n_train=n_train, n_test=n_test)
 
 
