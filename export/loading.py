@@ -47,10 +47,53 @@ class Clip:
     max_len: int
     tokenizer_json: str | None = None  # set when there is no tokenizer.json file (open_clip: converted BPE)
 
+    aligned = True  # image and text queries share one space: one key per task
+
     def tokenizer_bytes(self) -> bytes:
         if self.tokenizer_json is not None:
             return self.tokenizer_json.encode()
         return (self.path / "tokenizer.json").read_bytes()
+
+
+@dataclass
+class TextQuery:
+    """Unaligned query encoders: a sentence encoder for the instruction (e.g. all-MiniLM-L6-v2);
+    the image query is the base's own vision tower output (pooled CLS), from the same pass."""
+
+    path: Path
+    model: torch.nn.Module  # kaizen.export.text_encoder.SentenceEncoder: ids, mask -> unit embeddings
+    tokenizer: Tokenizer
+    max_len: int
+    dim: int
+
+    aligned = False
+
+    def tokenizer_bytes(self) -> bytes:
+        return (self.path / "tokenizer.json").read_bytes()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Unit text embeddings [n, dim] (the same ids the station's text_query.onnx sees)."""
+        return torch.cat([self.model.encode(texts[i:i + 128]).float() for i in range(0, len(texts), 128)])
+
+
+def load_query(base: Base, clip_dir: str | Path | None = None):
+    """The base's query encoders: `kaizen_base.json` {"query": {"kind": "vision+text", "text": DIR}}
+    -> TextQuery (DIR relative to the base folder); otherwise the CLIP at clip_dir (default BASE/clip)."""
+    q = base.info.get("query") or {}
+    if q.get("kind", "clip") == "clip":
+        return load_clip(clip_dir or base.path / "clip")
+    if q["kind"] != "vision+text":
+        raise BundleError(f"{base.path}/kaizen_base.json: query.kind {q['kind']!r} is not 'clip' or 'vision+text'")
+    if clip_dir:
+        raise BundleError(f"{base.path} takes its image query from its own vision tower (query.kind "
+                          "'vision+text'): drop --clip")
+    from .text_encoder import load_sentence_encoder
+
+    folder = base.path / q.get("text", "text_query")
+    model, tokenizer, max_len = load_sentence_encoder(folder)
+    model.eval().requires_grad_(False)
+    return TextQuery(folder, model, tokenizer, max_len, int(model.layout.dim))
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -130,8 +173,9 @@ def load_clip(path: str | Path) -> Clip:
                 PreprocessConfig.from_dict(pre), max_len)
 
 
-def base_fingerprint(base: Base, clip: Clip) -> str:
-    """sha256 over every weight of the VLM and the CLIP, and both tokenizers (precision-independent)."""
+def base_fingerprint(base: Base, clip) -> str:
+    """sha256 over every weight of the VLM and the query encoder (Clip or TextQuery), and both
+    tokenizers (precision-independent)."""
     h = hashlib.sha256()
     for name, model in (("vlm", base.model), ("clip", clip.model)):
         for key, tensor in sorted(model.state_dict().items()):

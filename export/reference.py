@@ -31,6 +31,23 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
 
+def vision_pass(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONE vision-tower pass -> (image rows [B, N, d_model], pooled image query [B, d_vision]).
+
+    The rows equal `image_features` (LlavaModel.get_image_features for one feature layer); the
+    query is the tower's pooled output (DINOv2: the layer-normed CLS; CLIP: post-layernorm CLS),
+    the image query of unaligned query encoders, so a station needs no second image tower.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    assert isinstance(cfg.vision_feature_layer, int), "multi-layer vision features are not supported"
+    out = inner.model.vision_tower(pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return inner.model.multi_modal_projector(feats), out.pooler_output
+
+
 def request_rows(model, base: Base, image_feats: torch.Tensor, instructions: list[str],
                  prompt=None) -> list[torch.Tensor]:
     """One unpadded embedding row [L_b, d] per request, from precomputed image rows [B, N, d].

@@ -58,22 +58,21 @@ def lora_slots(language_model: nn.Module, targets) -> list[LoraSlot]:
 
 
 class VisionWrapper(nn.Module):
-    """pixel_values [B,3,H,W] -> image_features [B, N, d_model] (vision tower + projector)."""
+    """pixel_values [B,3,H,W] -> image_features [B, N, d_model] (vision tower + projector), and with
+    `with_query` also image_query [B, d_vision] (the tower's pooled output) from the same pass."""
 
-    def __init__(self, llava):
+    def __init__(self, llava, with_query: bool = False):
         super().__init__()
         self.llava = llava
+        self.with_query = with_query
 
     def forward(self, pixel_values):
         # Same as LlavaModel.get_image_features for one feature layer, without its per-image
         # list (which would pin the batch size in the exported graph).
-        cfg = self.llava.config
-        assert isinstance(cfg.vision_feature_layer, int), "multi-layer vision features are not supported"
-        out = self.llava.model.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[cfg.vision_feature_layer]
-        if cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        return self.llava.model.multi_modal_projector(feats)
+        from .reference import vision_pass
+
+        feats, query = vision_pass(self.llava, pixel_values)
+        return (feats, query) if self.with_query else feats
 
 
 class DecoderWrapper(nn.Module):

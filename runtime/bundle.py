@@ -26,7 +26,17 @@ ort.set_default_logger_severity(3)  # errors only: optional LoRA inputs make ORT
 BUNDLE_SCHEMA_VERSION = 1
 BUNDLE_FILES = ("vision.onnx", "embed.npy", "decoder.onnx", "clip_image.onnx", "clip_text.onnx",
                 "tokenizer.json", "clip_tokenizer.json", "preprocess.json")
-REQUIRED_KEYS = ("schema_version", "fingerprint", "files", "prompt", "text", "clip", "lora", "precision")
+# Unaligned query encoders (query.kind "vision+text"): the image query is vision.onnx's second
+# output, the text query a sentence encoder; no CLIP towers.
+UNALIGNED_FILES = ("vision.onnx", "embed.npy", "decoder.onnx", "text_query.onnx", "text_tokenizer.json",
+                   "tokenizer.json", "preprocess.json")
+QUERY_KINDS = ("clip", "vision+text")
+
+
+def bundle_files(query_kind: str) -> tuple[str, ...]:
+    """The files a bundle with this kind of query encoders holds (each hashed in base.json)."""
+    return BUNDLE_FILES if query_kind == "clip" else UNALIGNED_FILES
+REQUIRED_KEYS = ("schema_version", "fingerprint", "files", "prompt", "text", "lora", "precision")
 
 
 def default_providers() -> list[str]:
@@ -64,6 +74,10 @@ class Bundle:
         if meta["schema_version"] != BUNDLE_SCHEMA_VERSION:
             raise BundleError(f"{meta_path}: schema_version {meta['schema_version']} is not supported by this "
                               f"runtime (expects {BUNDLE_SCHEMA_VERSION}); upgrade the runtime or re-export")
+        kind = meta.get("query", {"kind": "clip"}).get("kind")
+        if kind not in QUERY_KINDS or (kind == "clip" and "clip" not in meta):
+            raise BundleError(f"{meta_path}: query kind {kind!r} is not one of {list(QUERY_KINDS)} (or its "
+                              "'clip' section is missing); re-export the bundle")
         bundle = cls(path, meta, list(providers or default_providers()), threads)
         if verify:
             bundle.verify_files()
@@ -81,6 +95,12 @@ class Bundle:
     @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
+
+    @property
+    def query(self) -> dict:
+        """{"kind": "clip"} (aligned CLIP towers) or {"kind": "vision+text", "image_dim", "text_dim",
+        "text_max_len"} (image query from vision.onnx's `image_query`, text from text_query.onnx)."""
+        return self.meta.get("query", {"kind": "clip"})
 
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:

@@ -49,9 +49,19 @@ class Engine:
         self.bundle = bundle
         self.spec = bundle.prompt_spec()
         self.tok = bundle.tokenizer()
-        self.clip_tok = bundle.tokenizer("clip_tokenizer.json")
         self.vision_pre = bundle.preprocess("vision")
-        self.clip_pre = bundle.preprocess("clip")
+        self.aligned = bundle.query["kind"] == "clip"
+        if self.aligned:  # a CLIP query encoder: its own image and text towers
+            self.clip_tok = bundle.tokenizer("clip_tokenizer.json")
+            self.clip_pre = bundle.preprocess("clip")
+            self.query_dims = (int(bundle.meta["clip"]["dim"]),) * 2
+        else:  # unaligned: image query from the vision pass, text query from a sentence encoder
+            from .text_query import TextQueryEncoder
+
+            q = bundle.query
+            self.text_encoder = TextQueryEncoder(bundle.path / "text_query.onnx", bundle.path / "text_tokenizer.json",
+                                                 int(q["text_max_len"]), bundle.providers, bundle.threads)
+            self.query_dims = (int(q["image_dim"]), int(q["text_dim"]))
         self.embed = bundle.embeddings()
         self.n_layers = bundle.meta["text"]["num_layers"]
         self.kv_heads = bundle.meta["text"]["num_kv_heads"]
@@ -63,8 +73,27 @@ class Engine:
 
     # --- encoders ------------------------------------------------------------------------------
     def image_features(self, images) -> np.ndarray:
+        return self.vision_pass(images)[0]
+
+    def vision_pass(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+        """One vision.onnx run -> (image rows [B, N, d_model], unit image query [B, d_img] or None
+        when the bundle's image query comes from a CLIP tower instead)."""
         px = preprocess_batch(images, self.vision_pre).astype(self.float)
-        return self.vision.run(None, {"pixel_values": px})[0]
+        out = self.vision.run(None, {"pixel_values": px})
+        query = None if self.aligned else normalise(out[1].astype(np.float32))
+        return out[0], query
+
+    def queries(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Selection queries (q_img [B, d_img], q_txt [B, d_txt], unit) and, when the image query came
+        from the base's own vision pass, that pass's image rows (reuse them: no second pass)."""
+        if self.aligned:
+            return self.clip_image(images), self.text_query(texts), None
+        feats, q_img = self.vision_pass(images)
+        return q_img, self.text_query(texts), feats
+
+    def text_query(self, texts: list[str]) -> np.ndarray:
+        """Unit text queries [n, d_txt] of instructions (CLIP text tower or sentence encoder)."""
+        return self.clip_text(texts) if self.aligned else self.text_encoder.encode(texts)
 
     def clip_image(self, images) -> np.ndarray:
         px = preprocess_batch(images, self.clip_pre).astype(np.float32)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-PACK_SCHEMA_VERSION = 1
+PACK_SCHEMA_VERSION = 2  # the newest schema this runtime reads and writes
+SUPPORTED_SCHEMAS = (1, 2)  # 1: one shared key (aligned CLIP); 2: one key per query modality
 
 TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
@@ -59,14 +60,16 @@ class Manifest:
     sha256: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
     signing_key_id: str = ""
+    query_dims: list[int] = field(default_factory=list)  # schema 2: [d_img, d_txt] of key.npy's halves
 
     def __post_init__(self) -> None:
         bad = ManifestFieldError
         if not _is_int(self.schema_version) or self.schema_version < 1:
             raise bad("schema_version", f"must be an int >= 1, got {self.schema_version!r}")
-        if self.schema_version != PACK_SCHEMA_VERSION:
+        if self.schema_version not in SUPPORTED_SCHEMAS:
             raise bad("schema_version", f"pack uses schema {self.schema_version}, this runtime reads "
-                      f"{PACK_SCHEMA_VERSION}: use a runtime that matches the exporter")
+                      f"{list(SUPPORTED_SCHEMAS)}: use a runtime that matches the exporter")
+        self._check_query_dims()
         if not isinstance(self.task_id, str) or not TASK_ID_RE.match(self.task_id):
             raise bad("task_id", f"must be a slug of [a-z0-9_-] (max 64, starting alphanumeric), "
                       f"got {self.task_id!r}")
@@ -90,6 +93,15 @@ class Manifest:
             raise bad("metrics", "must be an object with string keys")
         if not isinstance(self.signing_key_id, str) or not KEY_ID_RE.match(self.signing_key_id):
             raise bad("signing_key_id", f"must be 16 lowercase hex chars, got {self.signing_key_id!r}")
+
+    def _check_query_dims(self) -> None:
+        dims = self.query_dims
+        if self.schema_version == 1:
+            if dims:
+                raise ManifestFieldError("query_dims", "is a schema 2 field; schema 1 packs carry one shared key")
+            return
+        if not isinstance(dims, list) or len(dims) != 2 or not all(_is_int(d) and 0 < d <= 65536 for d in dims):
+            raise ManifestFieldError("query_dims", f"must be [d_img, d_txt], two ints in 1..65536, got {dims!r}")
 
     def _check_created_at(self) -> None:
         try:
@@ -118,7 +130,10 @@ class Manifest:
     # ---- JSON ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.schema_version == 1:
+            del out["query_dims"]  # schema 1 manifests stay byte-identical to what schema 1 wrote
+        return out
 
     def to_json(self) -> bytes:
         """Canonical UTF-8 JSON (sorted keys, 2-space indent, trailing newline): the signed bytes."""
@@ -134,8 +149,10 @@ class Manifest:
             raise ManifestFieldError(unknown[0], f"unknown field (schema {PACK_SCHEMA_VERSION} "
                                      f"has {', '.join(names)})")
         for name in names:
-            if name not in data:
+            if name not in data and not (name == "query_dims" and data.get("schema_version") != 2):
                 raise ManifestFieldError(name, "missing")
+        if data.get("schema_version") != 2 and "query_dims" not in data:
+            data = {**data, "query_dims": []}
         return cls(**data)
 
     @classmethod

@@ -92,20 +92,24 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
                answers: list[str] | None = None, golden: tuple[GoldenSample, ...] | list = (),
                metrics: dict[str, Any] | None = None, prompt_tokens: int | None = None,
                lora_rank: int | None = None, min_runtime_version: str = RUNTIME_VERSION,
-               created_at: str | None = None) -> Manifest:
+               created_at: str | None = None, query_dims: list[int] | None = None) -> Manifest:
     """Validate the arrays, write a signed pack atomically to out_path, return its manifest.
 
     prompt_tokens and lora_rank default to what the arrays say; passing them checks the arrays.
+    `query_dims` [d_img, d_txt] writes schema 2 (key = image key and text key side by side, for
+    unaligned query encoders); without it, schema 1 (one key shared by both queries).
     """
     lora = dict(lora)
     fields_ = {
-        "schema_version": PACK_SCHEMA_VERSION, "task_id": task_id, "version": version, "method": method,
+        "schema_version": 2 if query_dims else 1, "task_id": task_id, "version": version, "method": method,
         "base_fingerprint": base_fingerprint, "min_runtime_version": min_runtime_version,
         "prompt_tokens": _shape0(prompt) if prompt_tokens is None else prompt_tokens,
         "lora_rank": _infer_rank(lora) if lora_rank is None else lora_rank,
         "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "instructions": list(instructions), "metrics": dict(metrics or {}),
     }
+    if query_dims:
+        fields_["query_dims"] = [int(d) for d in query_dims]
     try:
         draft = Manifest(**fields_, sha256={"prompt.npy": "0" * 64}, signing_key_id="0" * 16)
         check_arrays(draft, prompt, key, text_emb, lora)

@@ -94,11 +94,15 @@ def check_arrays(manifest: Manifest, prompt: np.ndarray, key: np.ndarray, text_e
                  lora: dict[str, np.ndarray]) -> None:
     """The arrays agree with each other and with the manifest (ARCHITECTURE.md, TASKPACK.md)."""
     check_array("prompt.npy", prompt, 2, (manifest.prompt_tokens, None))
-    check_array("key.npy", key, 1)
-    norm = float(np.linalg.norm(key))
-    if abs(norm - 1.0) > KEY_NORM_TOLERANCE:
-        raise ValueError(f"key.npy: norm {norm:.4f}, expected a unit vector")
-    check_array("text_emb.npy", text_emb, 2, (len(manifest.instructions), key.shape[0]))
+    dims = list(manifest.query_dims)
+    check_array("key.npy", key, 1, (sum(dims),) if dims else None)
+    halves = [key] if not dims else [key[: dims[0]], key[dims[0]:]]
+    for what, half in zip(("", "image key ", "text key ")[len(halves) - 1:], halves):
+        norm = float(np.linalg.norm(half))
+        if abs(norm - 1.0) > KEY_NORM_TOLERANCE:
+            raise ValueError(f"key.npy: {what}norm {norm:.4f}, expected a unit vector")
+    text_width = dims[1] if dims else key.shape[0]
+    check_array("text_emb.npy", text_emb, 2, (len(manifest.instructions), text_width))
     check_lora(lora, manifest.lora_rank)
 
 

@@ -1,6 +1,12 @@
 """Dual-modality task selection (ModalPrompt): numpy top-k over the installed task keys.
 
-    score[t] = alpha * cos(q_img, key[t]) + (1 - alpha) * cos(q_txt, key[t])
+    score[t] = alpha * cos(q_img, key_img[t]) + (1 - alpha) * cos(q_txt, key_txt[t])
+
+Two kinds of query encoders (base.json "query"): an aligned CLIP (image and text queries live in
+one space: ONE key per task, key_img = key_txt = key, [T, d]) or unaligned encoders (the base's
+own vision tower for the image query, a sentence encoder for the text: one key per modality,
+stored side by side as keys [T, d_img + d_txt]). `split_keys` tells them apart by width: a key
+as wide as both queries is shared; one as wide as their sum is two keys.
 
 The trainer's torch twin (trainer/methods/modalprompt.py) must give the same scores and order;
 tests/test_selection_parity.py binds them. Ties go to the lower index (stable sort).
@@ -27,10 +33,21 @@ def normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
+def split_keys(keys: np.ndarray, d_img: int, d_txt: int) -> tuple[np.ndarray, np.ndarray]:
+    """[T, d] shared keys or [T, d_img + d_txt] per-modality keys -> (key_img, key_txt)."""
+    width = keys.shape[-1]
+    if width == d_img == d_txt:
+        return keys, keys
+    if width == d_img + d_txt:
+        return keys[..., :d_img], keys[..., d_img:]
+    raise ValueError(f"task keys have width {width}; the queries have {d_img} (image) and {d_txt} (text) "
+                     "values: the packs were trained for another base's query encoders")
+
+
 def scores(q_img: np.ndarray, q_txt: np.ndarray, keys: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
-    """[B, d] image queries, [B, d] text queries, [T, d] keys -> [B, T] scores (inputs normalised here)."""
-    k = normalise(keys)
-    return alpha * (normalise(q_img) @ k.T) + (1.0 - alpha) * (normalise(q_txt) @ k.T)
+    """[B, d_img] image queries, [B, d_txt] text queries, keys [T, d] or [T, d_img + d_txt] -> [B, T]."""
+    k_img, k_txt = split_keys(np.asarray(keys, np.float32), q_img.shape[-1], q_txt.shape[-1])
+    return alpha * (normalise(q_img) @ normalise(k_img).T) + (1.0 - alpha) * (normalise(q_txt) @ normalise(k_txt).T)
 
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:

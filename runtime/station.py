@@ -38,13 +38,30 @@ class _Snapshot:
     """The installed set as one immutable value (swapped by reference)."""
 
     packs: tuple  # LoadedPack, sorted by task id
-    keys: np.ndarray  # [T, d_clip]
-    known_text: dict = field(default_factory=dict)  # instruction -> CLIP text embedding from packs
+    keys: np.ndarray  # [T, d_img + d_txt]: each pack's image key then its text key
+    known_text: dict = field(default_factory=dict)  # instruction -> text query embedding from packs
 
 
-def _snapshot(active) -> _Snapshot:
+def key_for_bundle(key: np.ndarray, query_dims: list[int], bundle_dims: tuple[int, int], aligned: bool) -> np.ndarray:
+    """A pack's key as [key_img ; key_txt] for a bundle with query widths `bundle_dims`, or
+    PackError when it does not fit (trained for another base's query encoders)."""
+    key = np.asarray(key, np.float32)
+    d_img, d_txt = bundle_dims
+    if query_dims:  # schema 2: one key per modality
+        if tuple(query_dims) != (d_img, d_txt):
+            raise PackError(f"bad array key.npy: the pack's keys are {query_dims} wide, this base's queries "
+                            f"{[d_img, d_txt]}: it was trained for another base")
+        return key
+    if not aligned or key.shape[0] != d_img or d_img != d_txt:  # schema 1: one shared key
+        raise PackError(f"bad array key.npy: a shared key of {key.shape[0]} values cannot score this base's "
+                        f"queries {[d_img, d_txt]} (schema 1 packs need an aligned CLIP base)")
+    return np.concatenate([key, key])
+
+
+def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
     packs = tuple(active[t] for t in sorted(active))
-    keys = np.stack([p.key for p in packs]) if packs else np.zeros((0, 1), np.float32)
+    keys = (np.stack([key_for_bundle(p.key, p.manifest.query_dims, bundle_dims, aligned) for p in packs])
+            if packs else np.zeros((0, sum(bundle_dims)), np.float32))
     known = {}
     for p in packs:
         for instr, emb in zip(p.manifest.instructions, p.text_emb):
@@ -64,14 +81,14 @@ class Station:
         self._lock = threading.Lock()
         self._rolled_back_file = Path(store_root) / "rolled_back.json"
         self._rolled_back = self._read_rolled_back()
-        self._snap = _snapshot(self.store.active())
+        self._snap = self._snapshot()
         self.started_at = time.time()
 
     # --- pack management -------------------------------------------------------------------------
     def install(self, kpk_path):
         with self._lock:
             manifest = self.store.install(kpk_path, probe=self._probe)
-            self._snap = _snapshot(self.store.active())
+            self._snap = self._snapshot()
         return manifest
 
     def rollback(self, task_id: str):
@@ -83,7 +100,7 @@ class Station:
                 self._rolled_back.setdefault(task_id, [])
                 self._rolled_back[task_id] = sorted(set(self._rolled_back[task_id]) | {active.manifest.version})
                 atomic_write_bytes(self._rolled_back_file, json.dumps(self._rolled_back, indent=1).encode())
-            self._snap = _snapshot(self.store.active())
+            self._snap = self._snapshot()
         return manifest
 
     def _read_rolled_back(self) -> dict[str, list[int]]:
@@ -96,6 +113,9 @@ class Station:
                             "(it lists pack versions rolled back on this station)") from err
         return {str(k): [int(v) for v in vs] for k, vs in data.items()}
 
+    def _snapshot(self) -> _Snapshot:
+        return _snapshot(self.store.active(), self.engine.query_dims, self.engine.aligned)
+
     @property
     def base_fingerprint(self) -> str:
         return self.bundle.fingerprint
@@ -106,6 +126,7 @@ class Station:
     def _probe(self, contents) -> None:
         """Refuse rolled-back versions; warm up and check golden samples before a pack goes live."""
         m = contents.manifest
+        key_for_bundle(contents.key, m.query_dims, self.engine.query_dims, self.engine.aligned)
         if m.version in self._rolled_back.get(m.task_id, []):
             raise PackError(f"{m.task_id} v{m.version} was rolled back on this station; publish a newer "
                             "version to move the task forward")
@@ -124,12 +145,12 @@ class Station:
                             "the pack does not work on this base, retrain or re-export it")
 
     # --- inference -------------------------------------------------------------------------------
-    def _answer(self, images, instructions, prompt, lora, answers):
+    def _answer(self, images, instructions, prompt, lora, answers, feats=None):
         if answers:
             return [(s.answer, s.confidence) for s in
-                    self.engine.score_answers(images, instructions, list(answers), prompt, lora)]
+                    self.engine.score_answers(images, instructions, list(answers), prompt, lora, image_feats=feats)]
         return [(g.text, g.confidence) for g in
-                self.engine.generate(images, instructions, prompt, lora, self.max_new_tokens)]
+                self.engine.generate(images, instructions, prompt, lora, self.max_new_tokens, image_feats=feats)]
 
     def _text_queries(self, snap: _Snapshot, instructions: list[str]) -> np.ndarray:
         out = [None] * len(instructions)
@@ -138,10 +159,17 @@ class Station:
             if t in snap.known_text:
                 out[i] = snap.known_text[t]
         if todo:
-            embs = self.engine.clip_text([instructions[i] for i in todo])
+            embs = self.engine.text_query([instructions[i] for i in todo])
             for i, e in zip(todo, embs):
                 out[i] = e
         return normalise(np.stack(out))
+
+    def _image_queries(self, rgb) -> tuple[np.ndarray, np.ndarray | None]:
+        """Unit image queries, plus the image rows when they came from the base's own vision pass."""
+        if self.engine.aligned:
+            return self.engine.clip_image(rgb), None
+        feats, q_img = self.engine.vision_pass(rgb)
+        return q_img, feats
 
     def infer(self, image, instruction: str, task: str | None = None) -> dict:
         return self.infer_batch([image], [instruction], [task])[0]
@@ -159,7 +187,8 @@ class Station:
         if not snap.packs:
             return [self._no_match({}, "no task packs are installed") for _ in range(n)]
         t1 = time.perf_counter()
-        s = scores(self.engine.clip_image(rgb), self._text_queries(snap, instructions), snap.keys, self.alpha)
+        q_img, feats = self._image_queries(rgb)
+        s = scores(q_img, self._text_queries(snap, instructions), snap.keys, self.alpha)
         order = top_k(s, self.top_k)
         t2 = time.perf_counter()
         names = [p.manifest.task_id for p in snap.packs]
@@ -182,7 +211,7 @@ class Station:
             prompt = np.concatenate([p.prompt for p in packs], axis=0)
             top = packs[0]
             got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, dict(top.lora),
-                               top.answers)
+                               top.answers, None if feats is None else feats[rows])
             for b, (answer, conf) in zip(rows, got):
                 results[b] = {"outcome": "answered", "answer": answer, "task_id": top.manifest.task_id,
                               "pack_version": top.manifest.version, "selected": [p.manifest.task_id for p in packs],

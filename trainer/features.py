@@ -1,11 +1,13 @@
-"""Frozen-feature cache: the base's vision rows and the CLIP queries, computed once per sample.
+"""Frozen-feature cache: the base's vision rows and the selection queries, computed once per sample.
 
-The VLM base and the CLIP are frozen, so a training step only needs to run the language model
-on inputs_embeds. Per task split we keep, stacked in memory:
+The VLM base and the query encoders are frozen, so a training step only needs to run the language
+model on inputs_embeds. Per task split we keep, stacked in memory:
 
     image     f32 [n, N, d_model]   vision tower + projector rows (export.reference.image_features)
-    clip_img  f32 [n, d_clip]       CLIP image embedding, L2-normalised
-    clip_txt  f32 [n, d_clip]       CLIP text embedding of the instruction, L2-normalised
+    clip_img  f32 [n, d_img]        image query, L2-normalised: the CLIP image embedding (aligned
+                                    CLIP), or the base's own pooled vision output (unaligned)
+    clip_txt  f32 [n, d_txt]        text query of the instruction, L2-normalised: CLIP text tower,
+                                    or the sentence encoder (unaligned)
 
     cache = FeatureCache(base, clip)
     batch = cache.batch(tasks, [(task_index, sample_index), ...], split="train")
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kaizen.export.reference import image_features
+from kaizen.export.reference import image_features, vision_pass
 from kaizen.runtime.preprocess import preprocess_batch
 from kaizen.runtime.prompting import clip_text_ids
 
@@ -80,36 +82,51 @@ class FeatureCache:
     """Computes and keeps the frozen features of task splits (see the module docstring)."""
 
     def __init__(self, base, clip, chunk: int = 64):
+        """`clip`: the query encoders, an aligned `Clip` or an unaligned `TextQuery` (export.loading)."""
         self.base, self.clip, self.chunk = base, clip, chunk
+        self.aligned = bool(getattr(clip, "aligned", True))
+        if self.aligned:
+            d = int(clip.model.config.projection_dim)
+            self.query_dims = (d, d)
+        else:
+            self.query_dims = (int(base.model.config.vision_config.hidden_size), int(clip.dim))
         self._splits: dict[tuple[int, str], tuple[object, SplitFeatures]] = {}
         self._text: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """Normalised CLIP text embeddings [len(texts), d_clip] (cached per distinct text)."""
+        """Normalised text queries [len(texts), d_txt] (cached per distinct text)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._text]
         c = self.clip
         for i in range(0, len(todo), self.chunk):
             part = todo[i:i + self.chunk]
-            cfg = c.model.config.text_config  # the same ids base_export writes into base.json
-            ids, mask = clip_text_ids(c.tokenizer, part, c.max_len, cfg.bos_token_id, cfg.eos_token_id,
-                                      cfg.pad_token_id or 0)
-            emb = _pooled(c.model.get_text_features(input_ids=torch.from_numpy(ids),
-                                                    attention_mask=torch.from_numpy(mask)))
+            if self.aligned:
+                cfg = c.model.config.text_config  # the same ids base_export writes into base.json
+                ids, mask = clip_text_ids(c.tokenizer, part, c.max_len, cfg.bos_token_id, cfg.eos_token_id,
+                                          cfg.pad_token_id or 0)
+                emb = _pooled(c.model.get_text_features(input_ids=torch.from_numpy(ids),
+                                                        attention_mask=torch.from_numpy(mask)))
+            else:
+                emb = c.encode(part)
             for text, row in zip(part, _unit(emb)):
                 self._text[text] = row
         return torch.stack([self._text[t] for t in texts])
 
     @torch.no_grad()
     def _images(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, clips = [], []
+        rows, queries = [], []
         for i in range(0, len(samples), self.chunk):
             pixels = [s.load_image() for s in samples[i:i + self.chunk]]
             px = torch.from_numpy(preprocess_batch(pixels, self.base.preprocess))
+            if not self.aligned:  # one vision pass gives the image rows and the image query
+                feats, query = vision_pass(self.base.model, px)
+                rows.append(feats.float())
+                queries.append(_unit(query.float()))
+                continue
             rows.append(image_features(self.base.model, px).float())
             cpx = torch.from_numpy(preprocess_batch(pixels, self.clip.preprocess))
-            clips.append(_unit(_pooled(self.clip.model.get_image_features(pixel_values=cpx))))
-        return torch.cat(rows), torch.cat(clips)
+            queries.append(_unit(_pooled(self.clip.model.get_image_features(pixel_values=cpx))))
+        return torch.cat(rows), torch.cat(queries)
 
     def split(self, task, name: str) -> SplitFeatures:
         """Features of `task.train` or `task.test` (computed on first use)."""

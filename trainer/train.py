@@ -83,13 +83,13 @@ class Shared:
     """Frozen pieces several runs can share in one process: base, CLIP, features, streams."""
 
     def __init__(self, base_dir: str, clip_dir: str = ""):
-        from kaizen.export.loading import base_fingerprint
+        from kaizen.export.loading import base_fingerprint, load_query
 
-        from .bases import load_base, load_clip
+        from .bases import load_base
         from .features import FeatureCache
 
         self.base = load_base(base_dir)
-        self.clip = load_clip(clip_dir or Path(base_dir) / "clip")
+        self.clip = load_query(self.base, clip_dir or None)  # a CLIP, or the base's unaligned encoders
         self.fingerprint = base_fingerprint(self.base, self.clip)  # before any LoRA slot is added
         self.features = FeatureCache(self.base, self.clip)
         self._streams: dict[tuple, list] = {}

@@ -205,14 +205,17 @@ class Method(nn.Module):
         return lm.greedy(base, image, instructions, prompts, self.cfg.max_new_tokens)
 
 
-def pack_arrays(prompt: torch.Tensor | None, key: torch.Tensor | None, lora: dict | None) -> dict:
-    """state_for_pack's dict with float32 numpy arrays (key unit-normalised)."""
+def pack_arrays(prompt: torch.Tensor | None, key: torch.Tensor | None, lora: dict | None,
+                split: int | None = None) -> dict:
+    """state_for_pack's dict with float32 numpy arrays. The key is unit-normalised: as a whole (one
+    shared key), or each side of `split` (image key [:split], text key [split:]) for unaligned queries."""
     out = {"prompt": None, "key": None, "lora": lora}
     if prompt is not None:
         out["prompt"] = prompt.detach().float().numpy().copy()
     if key is not None:
         k = key.detach().float()
-        out["key"] = (k / k.norm().clamp_min(1e-12)).numpy().astype(np.float32)
+        parts = [k] if split is None else [k[:split], k[split:]]
+        out["key"] = torch.cat([p / p.norm().clamp_min(1e-12) for p in parts]).numpy().astype(np.float32)
     return out
 
 

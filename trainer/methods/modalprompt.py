@@ -30,10 +30,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def torch_split_keys(keys: torch.Tensor, d_img: int, d_txt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of kaizen.runtime.selection.split_keys (shared key, or one per modality)."""
+    width = keys.shape[-1]
+    if width == d_img == d_txt:
+        return keys, keys
+    assert width == d_img + d_txt, f"key width {width} fits neither {d_img} nor {d_img} + {d_txt}"
+    return keys[..., :d_img], keys[..., d_img:]
+
+
 def torch_scores(q_img: torch.Tensor, q_txt: torch.Tensor, keys: torch.Tensor, alpha: float = ALPHA):
-    """[B, d] image queries, [B, d] text queries, [T, d] keys -> [B, T] (all normalised here)."""
-    k = _unit(keys.float())
-    return alpha * (_unit(q_img.float()) @ k.T) + (1.0 - alpha) * (_unit(q_txt.float()) @ k.T)
+    """[B, d_img] image queries, [B, d_txt] text queries, [T, d] or [T, d_img + d_txt] keys -> [B, T]."""
+    k_img, k_txt = torch_split_keys(keys.float(), q_img.shape[-1], q_txt.shape[-1])
+    return alpha * (_unit(q_img.float()) @ _unit(k_img).T) + (1.0 - alpha) * (_unit(q_txt.float()) @ _unit(k_txt).T)
 
 
 def torch_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,8 +74,12 @@ class ModalPrompt(Method):
             self.adapters.append(self.new_adapter(task_index))
 
     def _prototype(self, task) -> torch.Tensor:
+        """The task's mean queries: one shared key (aligned CLIP) or [key_img ; key_txt] (unaligned)."""
         f = self.ctx.features.split(task, "train")
-        return _unit(_unit(f.clip_img.mean(0)) + _unit(f.clip_txt.mean(0))).clone()
+        img, txt = _unit(f.clip_img.mean(0)), _unit(f.clip_txt.mean(0))
+        if self.ctx.features.aligned:
+            return _unit(img + txt).clone()
+        return torch.cat([img, txt]).clone()
 
     def _train_prompts(self, batch, t: int) -> list[torch.Tensor]:
         extra = self.cfg.top_k - 1
@@ -80,8 +93,8 @@ class ModalPrompt(Method):
         t = self.current
         adapters = [self.adapters[t]] if self.per_task_lora else None
         ce = self.loss_with(batch, self._train_prompts(batch, t), adapters)
-        key = _unit(self.keys[t])
-        key_loss = (1 - batch.clip_img @ key).mean() + (1 - batch.clip_txt @ key).mean()
+        k_img, k_txt = torch_split_keys(self.keys[t], batch.clip_img.shape[-1], batch.clip_txt.shape[-1])
+        key_loss = (1 - batch.clip_img @ _unit(k_img)).mean() + (1 - batch.clip_txt @ _unit(k_txt)).mean()
         return ce + key_loss
 
     def route(self, batch) -> Route:
@@ -116,4 +129,5 @@ class ModalPrompt(Method):
     def state_for_pack(self, task_id: str) -> dict:
         t = self.task_index_of(task_id)
         lora = self.adapters[t].arrays() if self.per_task_lora else None
-        return pack_arrays(self.prompts[t], self.keys[t], lora)
+        split = None if self.ctx.features.aligned else self.ctx.features.query_dims[0]
+        return pack_arrays(self.prompts[t], self.keys[t], lora, split)
