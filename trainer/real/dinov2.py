@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def read_onnx_weights(model) -> tuple[dict[str, np.ndarray], dict]:
         raise VisionConvertError("the ONNX graph has no /backbone/embeddings/Concat_6 + Reshape_1 reading the "
                                  f"position embeddings; is it {DIST}=={VERSION}'s vit_s_focus.onnx?")
     hidden = sd["embeddings.cls_token"].shape[-1]
-    grid = int(round(grid_pos[0].shape[1] ** 0.5))
+    grid = math.isqrt(grid_pos[0].shape[1])
     if grid * grid != grid_pos[0].shape[1]:
         raise VisionConvertError(f"position grid of {grid_pos[0].shape[1]} entries is not square")
     sd["embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)
@@ -126,7 +127,7 @@ def interpolate_grid(pos, image_size: int, patch: int = PATCH):
     import torch
 
     cls, grid = pos[:, :1], pos[:, 1:]
-    g, d, n = int(round(grid.shape[1] ** 0.5)), grid.shape[-1], image_size // patch
+    g, d, n = math.isqrt(grid.shape[1]), grid.shape[-1], image_size // patch
     grid = grid.reshape(1, g, g, d).permute(0, 3, 1, 2).to(torch.float32)
     grid = torch.nn.functional.interpolate(grid, size=(n, n), mode="bicubic", align_corners=False)
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, n * n, d)], dim=1).contiguous()
