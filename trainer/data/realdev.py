@@ -107,19 +107,28 @@ NOMATCH_INSTRUCTIONS = (
     "Which floor is the elevator on?", "Is the light switched on?")
 
 
-def _plan(task_id: str, n: int, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
-    """(answer, label, upside_down) per sample; label is a clip-art kind or a digit."""
-    answers = balanced(SPECS[task_id].answers, n, rng)
+def _labels_for(task_id: str, answer: str) -> tuple[str, ...]:
+    """The clip-art kinds or digits whose images can carry `answer` in task `task_id`."""
     if task_id in ("clipart_kind", "digit"):
-        return [(a, a, False) for a in answers]
+        return (answer,)
     if task_id == "is_food":
-        others = iter(balanced(tuple(k for k in KINDS if k != "food"), n, rng))
-        return [(a, "food" if a == "yes" else next(others), False) for a in answers]
+        return ("food",) if answer == "yes" else tuple(k for k in KINDS if k != "food")
     if task_id == "digit_even":
-        evens, odds = iter(balanced(tuple("02468"), n, rng)), iter(balanced(tuple("13579"), n, rng))
-        return [(a, next(evens) if a == "yes" else next(odds), False) for a in answers]
-    labels = balanced(KINDS if task_id == "upside_down" else UPSIDE_DIGITS, n, rng)
-    return [(a, lab, a == "yes") for a, lab in zip(answers, labels)]
+        return tuple("02468") if answer == "yes" else tuple("13579")
+    return KINDS if task_id == "upside_down" else UPSIDE_DIGITS
+
+
+def _plan(task_id: str, n: int, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
+    """(answer, label, upside_down) per sample; label is a clip-art kind or a digit, balanced
+    among the samples of each answer."""
+    answers = balanced(SPECS[task_id].answers, n, rng)
+    labels = [""] * n
+    for answer in SPECS[task_id].answers:
+        where = [i for i, a in enumerate(answers) if a == answer]
+        for i, label in zip(where, balanced(_labels_for(task_id, answer), len(where), rng)):
+            labels[i] = label
+    upside = task_id in ("upside_down", "upside_down_digit")
+    return [(a, lab, upside and a == "yes") for a, lab in zip(answers, labels)]
 
 
 def clipart_split(seed: int) -> dict[str, tuple[list[S.ClipSource], list[S.ClipSource]]]:
