@@ -11,10 +11,13 @@ receives carries the sender's authenticated station id in its "User-Id" frame pr
     auth.stop()
 
 A refused station gets no connection at all: no reply, and nothing reaches the hub's loop.
+Refusals are counted; only the last DENIED_KEPT are kept (anyone can try a handshake, so the
+record must not grow). `set_allowed` swaps the allow-list in one assignment (config reload).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import zmq
@@ -22,6 +25,7 @@ from zmq.utils import z85
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
+DENIED_KEPT = 100
 
 
 class ZapHandler:
@@ -30,11 +34,17 @@ class ZapHandler:
     def __init__(self, ctx: zmq.Context, allowed: dict[bytes, str]):
         self.ctx = ctx
         self.allowed = dict(allowed)
-        self.denied: list[tuple[str, str]] = []   # (peer address, z85 key) of refused handshakes
+        # (peer address, z85 key) of the latest refused handshakes; denied_count counts them all
+        self.denied: collections.deque = collections.deque(maxlen=DENIED_KEPT)
+        self.denied_count = 0
         self.accepted = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
+
+    def set_allowed(self, allowed: dict[bytes, str]) -> None:
+        """Replace the allow-list (new handshakes only; the hub drops messages of removed ids)."""
+        self.allowed = dict(allowed)
 
     def start(self) -> None:
         # Bind in the caller's thread so the handler exists before any server socket binds.
@@ -56,7 +66,13 @@ class ZapHandler:
         try:
             while not self._stop.is_set():
                 if sock.poll(100, zmq.POLLIN):
-                    sock.send_multipart(self._answer(sock.recv_multipart()))
+                    frames = sock.recv_multipart()
+                    try:
+                        reply = self._answer(frames)
+                    except Exception:  # noqa: BLE001 - a ZAP thread that dies locks every station out
+                        request_id = frames[1] if len(frames) > 1 else b""
+                        reply = [ZAP_VERSION, request_id, b"500", b"internal error", b"", b""]
+                    sock.send_multipart(reply)
         finally:
             sock.close(linger=0)
 
@@ -72,7 +88,8 @@ class ZapHandler:
         key = z85.encode(creds[0])
         station_id = self.allowed.get(key)
         if station_id is None:
-            self.denied.append((address.decode(errors="replace"), key.decode()))
+            self.denied.append((address[:64].decode(errors="replace"), key.decode()))
+            self.denied_count += 1
             return [version, request_id, b"400", b"key not allow-listed", b"", b""]
         self.accepted += 1
         return [version, request_id, b"200", b"OK", station_id.encode(), b""]

@@ -1,13 +1,16 @@
 """The hub's pack catalogue and its fleet status table (shared by `kaizen hub *` and `kaizen fleet status`).
 
-    rec = catalogue_pack(db, packs_dir, "pick-3.kpk")   # copy into packs_dir, read manifest, add to DB
-    scan_packs(db, packs_dir)                           # (re)register every *.kpk in packs_dir
+    rec = catalogue_pack(db, packs_dir, "pick-3.kpk", trusted)   # verify, copy into packs_dir, add to DB
+    skipped = {}
+    scan_packs(db, packs_dir, skipped=skipped, trusted=trusted)  # (re)register every servable *.kpk
     rows = fleet_status(db, config)                     # one row per station (allow-listed or seen)
     print(format_status(rows))
 
 Pack metadata (task_id, version) comes from the pack's manifest through kaizen.runtime
-(tar read with kaizen.runtime.tarsafe, parsed by kaizen.runtime.manifest). The hub does not
-verify signatures: stations do, against their own trusted keys, and report what they refused.
+(tar read with kaizen.runtime.tarsafe, parsed by kaizen.runtime.manifest). With trusted keys
+(hub.toml `trusted_keys_dir`) the hub verifies each pack's signature and hashes at publish and
+when it (re)scans its folder, and does not serve a file that fails (scan_packs says why);
+stations verify again against their own trusted keys and report what they refused.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 
 from .config import HubConfig
 from kaizen.runtime.durable import fsync_dir, sha256_file
-from kaizen.runtime.errors import PackError
+from kaizen.runtime.errors import KaizenError, PackError
+from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.manifest import Manifest
+from kaizen.runtime.pack import verify_pack
 from kaizen.runtime.tarsafe import TarLimits, read_members
 
 from .db import HubDB, PackRecord
@@ -43,12 +48,21 @@ def pack_record(path: Path) -> PackRecord:
                       task_id=manifest.task_id, version=manifest.version, path=str(path))
 
 
-def catalogue_pack(db: HubDB, packs_dir: Path, source: Path) -> PackRecord:
-    """Copy `source` into packs_dir (if it is not there yet) and register it in the DB."""
+def check_pack(path: Path, trusted: TrustedKeys | None) -> Manifest:
+    """The manifest of a pack the hub may serve: readable, and signed by a trusted key if any."""
+    if trusted is None:
+        return read_pack_manifest(path)
+    return verify_pack(path, trusted)
+
+
+def catalogue_pack(db: HubDB, packs_dir: Path, source: Path, trusted: TrustedKeys | None = None) -> PackRecord:
+    """Copy `source` into packs_dir (if it is not there yet) and register it in the DB.
+
+    With `trusted`, a pack whose signature or hashes do not verify is refused (PackError)."""
     source = Path(source)
     if not source.is_file():
         raise PackError(f"{source}: no such pack file")
-    read_pack_manifest(source)  # refuse a non-pack before copying anything
+    check_pack(source, trusted)  # refuse a non-pack or an unsigned one before copying anything
     packs_dir.mkdir(parents=True, exist_ok=True)
     dest = packs_dir / source.name
     if dest.resolve() != source.resolve():
@@ -68,16 +82,47 @@ def catalogue_pack(db: HubDB, packs_dir: Path, source: Path) -> PackRecord:
     return rec
 
 
-def scan_packs(db: HubDB, packs_dir: Path) -> list[PackRecord]:
-    """Register every *.kpk in packs_dir whose size or presence the DB does not match."""
+def scan_packs(db: HubDB, packs_dir: Path, *, skipped: dict | None = None,
+               trusted: TrustedKeys | None = None, checked: dict | None = None) -> list[PackRecord]:
+    """Register every *.kpk in packs_dir whose size or presence the DB does not match.
+
+    Returns the servable records. A file that cannot be read or (with `trusted`) verified, or a
+    catalogued pack whose file is gone, is put in `skipped` {name: reason} instead of raising.
+    `checked` {(name, size, mtime): reason or None} caches verdicts between scans.
+    """
+    skipped = {} if skipped is None else skipped
+    checked = {} if checked is None else checked
     packs_dir.mkdir(parents=True, exist_ok=True)
     out = []
+    seen = set()
     for path in sorted(packs_dir.glob("*.kpk")):
-        rec = db.pack(path.name)
-        if rec is None or rec.size != path.stat().st_size or rec.path != str(path):
-            rec = pack_record(path)
-            db.add_pack(rec)
+        seen.add(path.name)
+        key = (path.name, -1, -1)
+        try:
+            st = path.stat()
+            key = (path.name, st.st_size, st.st_mtime_ns)
+            fresh = key not in checked
+            if fresh:
+                checked[key] = None
+                check_pack(path, trusted)
+            elif checked[key] is not None:
+                raise PackError(checked[key])
+            rec = db.pack(path.name)
+            if rec is None or fresh or rec.size != st.st_size or rec.path != str(path):
+                new = pack_record(path)
+                if new != rec:
+                    db.add_pack(new)
+                rec = new
+        except (KaizenError, OSError, ValueError, RecursionError) as err:
+            reason = checked.get(key) or f"{type(err).__name__}: {err}"
+            checked[key] = reason
+            skipped[path.name] = reason
+            continue
+        skipped.pop(path.name, None)
         out.append(rec)
+    for rec in db.packs():
+        if rec.name not in seen:
+            skipped[rec.name] = f"{rec.path}: the file is gone from the packs folder"
     return out
 
 

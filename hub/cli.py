@@ -1,6 +1,7 @@
 """The hub's commands: `kaizen hub serve`, `kaizen hub publish`, `kaizen fleet status`.
 
-    kaizen hub serve --config hub.toml                    # run the hub (Ctrl-C to stop)
+    kaizen hub serve --config hub.toml                    # run the hub (Ctrl-C to stop; SIGHUP
+                                                          # or editing hub.toml reloads the allow-list)
     kaizen hub publish pick-3.kpk --to 'line1/*' --config hub.toml   # or --to @group; works live
     kaizen fleet status --config hub.toml [--json]
 """
@@ -14,6 +15,7 @@ import threading
 from pathlib import Path
 
 from kaizen.runtime.errors import ConfigError
+from kaizen.runtime.keys import TrustedKeys
 
 from .catalog import catalogue_pack, fleet_status, format_status
 from .config import load_hub_config
@@ -35,6 +37,7 @@ def cli_serve(argv: list[str]) -> int:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: hub.request_reload())
     print(f"hub serving on {hub.config.bind} (announce {hub.config.pub_bind}), "
           f"{len(hub.config.stations)} allow-listed stations", flush=True)
     try:
@@ -56,9 +59,10 @@ def cli_publish(argv: list[str]) -> int:
     if not targets:
         raise ConfigError(f"{config.source}: --to {args.to!r} matches no allow-listed station "
                           f"(known: {', '.join(config.station_ids()) or 'none'})")
+    trusted = TrustedKeys.from_dir(config.trusted_keys_dir) if config.trusted_keys_dir else None
     db = HubDB(config.db_path)
     try:
-        rec = catalogue_pack(db, config.packs_dir, args.pack)
+        rec = catalogue_pack(db, config.packs_dir, args.pack, trusted)
         db.publish(args.to, rec.name)
     finally:
         db.close()

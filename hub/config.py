@@ -4,7 +4,8 @@
     hub = load_hub_config("deploy/hub.toml")           # -> HubConfig
 
 Relative paths resolve against the TOML file's folder; every error is a ConfigError naming the
-file and the field. See deploy/hub.toml for a commented example of every field.
+file and the field (two stations with the same public key are refused here too). See
+deploy/hub.toml for a commented example of every field.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaizen.runtime.config import _build, _check_endpoint, _check_positive, _check_station_id, _fail, _read_toml
-from kaizen.runtime.errors import ConfigError
+from kaizen.runtime.errors import ConfigError, KaizenError
+from kaizen.runtime.keys import load_curve_public
 
-HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path")
+HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path", "trusted_keys_dir")
 
 
 @dataclass
@@ -39,8 +41,10 @@ class HubConfig:
     packs_dir: Path
     db_path: Path
     stations: list[AllowedStation] = field(default_factory=list)
+    trusted_keys_dir: Path | None = None  # Ed25519 keys packs must be signed by; None = unchecked
     chunk_size: int = 256 * 1024
     max_credit: int = 16                  # a fetch asking for more chunks gets this many
+    max_message_bytes: int = 1024 * 1024  # largest station message (sum of frames) the hub reads
     source: str = "<hub config>"
 
     def __post_init__(self) -> None:
@@ -53,6 +57,9 @@ class HubConfig:
         if not 1024 <= self.chunk_size <= 16 * 1024 * 1024:
             raise _fail(src, "chunk_size", f"{self.chunk_size} must be within 1 KiB .. 16 MiB")
         _check_positive(src, "max_credit", self.max_credit, integer=True)
+        _check_positive(src, "max_message_bytes", self.max_message_bytes, integer=True)
+        if not 4096 <= self.max_message_bytes <= 64 * 1024 * 1024:
+            raise _fail(src, "max_message_bytes", f"{self.max_message_bytes} must be within 4 KiB .. 64 MiB")
         seen: set[str] = set()
         for i, st in enumerate(self.stations):
             _check_station_id(src, f"stations[{i}].id", st.id)
@@ -62,6 +69,33 @@ class HubConfig:
             for g in st.groups:
                 if not isinstance(g, str) or not g:
                     raise _fail(src, f"stations[{i}].groups", f"{g!r} is not a group name")
+
+    def allowed_keys(self, *, missing_ok: bool = False) -> dict[bytes, str]:
+        """{z85 CURVE public key: station id}; ConfigError if a key file is bad or listed twice.
+
+        missing_ok: skip key files that do not exist yet (config load on a machine being set up;
+        the hub itself loads every key at start and refuses a missing one).
+        """
+        allowed: dict[bytes, str] = {}
+        paths: dict[Path, str] = {}
+        for i, st in enumerate(self.stations):
+            if Path(st.public_key_file).resolve() in paths:
+                raise _fail(self.source, f"stations[{i}].public_key_file",
+                            f"{st.public_key_file} is also the key file of station "
+                            f"{paths[Path(st.public_key_file).resolve()]!r}: one key per station")
+            paths[Path(st.public_key_file).resolve()] = st.id
+            if missing_ok and not Path(st.public_key_file).exists():
+                continue
+            try:
+                key = load_curve_public(st.public_key_file)
+            except KaizenError as err:
+                raise _fail(self.source, f"stations[{i}].public_key_file", str(err)) from None
+            if key in allowed:
+                raise _fail(self.source, f"stations[{i}].public_key_file",
+                            f"{st.public_key_file} is the same key as station {allowed[key]!r}: one "
+                            "key per station (else one station could act as the other)")
+            allowed[key] = st.id
+        return allowed
 
     def station_ids(self) -> list[str]:
         return [s.id for s in self.stations]
@@ -89,5 +123,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
         if not isinstance(st.groups, list):
             raise ConfigError(f"{path}: field 'stations[{i}].groups' must be a list of names")
         stations.append(st)
-    return _build(HubConfig, data, str(path), "", HUB_PATHS, base, extra={"stations": stations})
+    config = _build(HubConfig, data, str(path), "", HUB_PATHS, base, extra={"stations": stations})
+    config.allowed_keys(missing_ok=True)   # refuse unreadable or duplicate station keys now, not at the first handshake
+    return config
 

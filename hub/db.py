@@ -10,7 +10,10 @@ works while the hub runs (it writes to the same database; the hub notices the ne
     db.record_report("line1/s01", name, task_id, version, "activated", "")
     db.status_rows()                               # what `kaizen fleet status` prints
 
-Tables: packs, publications, stations, deliveries, meta(revision). No torch here.
+Tables: packs, publications, stations, deliveries, meta(revision). Growth is bounded by the
+allow-list and the catalogue: one stations row per allow-listed id, one deliveries row per
+(station, catalogued pack), reasons cut to MAX_REASON_CHARS, installed lists to MAX_INSTALLED.
+No torch here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 # Delivery states, in the order a healthy delivery goes through them. A report never moves a
 # pack backwards (a late or replayed "received" after "activated" is ignored).
 STATE_RANK = {"received": 1, "verified": 2, "activated": 3, "rejected": 3, "rolled_back": 4}
+MAX_REASON_CHARS = 1000   # a report's reason is stored cut to this
+MAX_INSTALLED = 1000      # entries of a station's installed list stored
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs (
@@ -113,12 +118,17 @@ class HubDB:
         return [(r["target"], r["pack_name"]) for r in
                 self.conn.execute("SELECT target, pack_name FROM publications ORDER BY created_at")]
 
-    def desired_for(self, station_id: str, groups: list[str]) -> list[PackRecord]:
-        """Packs desired on a station: the newest published version of each task it is targeted by."""
+    def published_to(self, station_id: str, groups: list[str]) -> set[str]:
+        """Names of every pack published to this station (by glob over ids or one of its groups)."""
+        return {name for target, name in self.publications()
+                if ((target[1:] in groups) if target.startswith("@") else fnmatch.fnmatchcase(station_id, target))}
+
+    def desired_for(self, station_id: str, groups: list[str], exclude=frozenset()) -> list[PackRecord]:
+        """Packs desired on a station: the newest published version of each task it is targeted by
+        (packs named in `exclude`, e.g. files the hub cannot serve, are left out)."""
         best: dict[str, PackRecord] = {}
-        for target, name in self.publications():
-            hit = (target[1:] in groups) if target.startswith("@") else fnmatch.fnmatchcase(station_id, target)
-            rec = self.pack(name) if hit else None
+        for name in sorted(self.published_to(station_id, groups) - set(exclude)):
+            rec = self.pack(name)
             if rec and (rec.task_id not in best or rec.version > best[rec.task_id].version):
                 best[rec.task_id] = rec
         return sorted(best.values(), key=lambda r: r.task_id)
@@ -141,7 +151,7 @@ class HubDB:
                 "ON CONFLICT(station_id) DO NOTHING", (station_id, now, now))
             self.conn.execute("UPDATE stations SET last_seen = ?, installed = ?, serving = ? "
                               "WHERE station_id = ?",
-                              (now, json.dumps(installed), json.dumps(serving), station_id))
+                              (now, json.dumps(installed[:MAX_INSTALLED]), json.dumps(serving), station_id))
             if hello:
                 self.conn.execute("UPDATE stations SET last_hello = ?, base_fingerprint = ?, "
                                   "runtime_version = ? WHERE station_id = ?",
@@ -149,8 +159,13 @@ class HubDB:
 
     def record_report(self, station_id: str, pack_name: str, task_id: str, version: int,
                       state: str, reason: str) -> bool:
-        """Store a delivery report; returns False when it was stale (would move the state back)."""
+        """Store a delivery report; returns False when it was stale (would move the state back).
+
+        The reason is cut to MAX_REASON_CHARS; invalid Unicode is replaced, not stored."""
         assert state in STATE_RANK, state
+        reason = reason.encode("utf-8", "replace").decode("utf-8")
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS] + "..."
         with self.conn:
             row = self.conn.execute("SELECT state FROM deliveries WHERE station_id = ? AND pack_name = ?",
                                     (station_id, pack_name)).fetchone()

@@ -20,6 +20,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("kaizen.trainer.demo.run:main", "run the whole story end to end on the tiny base"),
     ("base", "init"): ("kaizen.trainer.bases:cli_init", "write a built-in tiny base (+ tiny CLIP) folder"),
     ("base", "pretrain"): ("kaizen.trainer.pretrain:cli_main", "pretrain a tiny base and CLIP on generic data"),
+    ("base", "assemble"): ("kaizen.trainer.assemble:cli_main", "assemble a real base from packaged pretrained parts"),
     ("base", "export"): ("kaizen.export.base_export:cli_main", "export a base folder to an ONNX bundle"),
     ("train",): ("kaizen.trainer.train:cli_main", "train a method over a task stream"),
     ("eval",): ("kaizen.trainer.evaluate:cli_main", "evaluate a training run (accuracy matrix, metrics)"),
@@ -35,6 +36,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("station", "serve"): ("kaizen.runtime.daemon:cli_serve", "run a station (hub link + inference endpoint)"),
     ("station", "status"): ("kaizen.runtime.station_cli:cli_status", "print a station's packs and health"),
     ("station", "rollback"): ("kaizen.runtime.station_cli:cli_rollback", "return a task to its previous pack"),
+    ("station", "install"): ("kaizen.runtime.station_cli:cli_install", "install a .kpk file on this station"),
     ("infer",): ("kaizen.runtime.station_cli:cli_infer", "answer one image + instruction"),
 }
 

@@ -63,7 +63,9 @@ class StationConfig:
     store_dir: Path
     trusted_keys_dir: Path
     state_dir: Path                       # staging files, offsets, report outbox
-    inference_endpoint: str = "ipc:///tmp/kaizen-station.ipc"
+    inference_endpoint: str = ""          # "" = ipc://<runtime_dir>/station.ipc
+    admin_endpoint: str = ""              # "" = ipc://<runtime_dir>/admin/admin.ipc (ipc only)
+    runtime_dir: Path | None = None       # private folder of the sockets; None = state_dir/run
     hub_announce_endpoint: str = ""       # the hub's PUB socket (hints only); "" = none
     threshold: float = 0.2                # selection: below this score -> "no task matches"
     top_k: int = 3
@@ -78,7 +80,18 @@ class StationConfig:
         src = self.source
         _check_station_id(src, "station_id", self.station_id)
         _check_endpoint(src, "hub_endpoint", self.hub_endpoint)
+        self.runtime_dir = Path(self.runtime_dir or Path(self.state_dir) / "run")
+        self.inference_endpoint = self.inference_endpoint or f"ipc://{self.runtime_dir}/station.ipc"
+        self.admin_endpoint = self.admin_endpoint or f"ipc://{self.runtime_dir}/admin/admin.ipc"
         _check_endpoint(src, "inference_endpoint", self.inference_endpoint)
+        if self.inference_endpoint.startswith("ipc://@"):
+            raise _fail(src, "inference_endpoint", "abstract sockets (ipc://@name) have no file "
+                        "permissions: use ipc:///PATH in a private folder")
+        from .admin import check_admin_endpoint   # admin tcp/abstract refused, path length
+        try:
+            check_admin_endpoint(self.admin_endpoint)
+        except ConfigError as err:
+            raise _fail(src, "admin_endpoint", str(err)) from None
         if self.hub_announce_endpoint:
             _check_endpoint(src, "hub_announce_endpoint", self.hub_announce_endpoint)
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
@@ -140,7 +153,7 @@ def _build(cls, data: dict, source: str, section: str, paths: tuple[str, ...], b
 
 
 STATION_PATHS = ("hub_public_key_file", "public_key_file", "secret_key_file", "bundle_dir",
-                 "store_dir", "trusted_keys_dir", "state_dir")
+                 "store_dir", "trusted_keys_dir", "state_dir", "runtime_dir")
 
 
 def load_station_config(path: str | Path) -> StationConfig:

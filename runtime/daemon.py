@@ -329,7 +329,11 @@ def cli_serve(argv: list[str]) -> int:
     cfg = load_station_config(args.config)
     station = station_from_config(cfg)
     server = InferenceServer(station, cfg.inference_endpoint).start()
-    print(f"station {cfg.station_id}: inference on {server.endpoint}; hub {cfg.hub_endpoint}", flush=True)
+    from .admin import AdminServer   # rollback / install for this user only (never tcp)
+
+    admin = AdminServer(station, cfg.admin_endpoint).start()
+    print(f"station {cfg.station_id}: inference on {server.endpoint}; admin on {admin.endpoint}; "
+          f"hub {cfg.hub_endpoint}", flush=True)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -344,5 +348,6 @@ def cli_serve(argv: list[str]) -> int:
         pass
     finally:
         server.stop()
+        admin.stop()
     print(json.dumps({"station": cfg.station_id, "stopped": True}))
     return 0

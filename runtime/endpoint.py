@@ -3,8 +3,10 @@
 Protocol: runtime/PROTOCOL.md ("Inference link"). The server answers `infer_request` and
 `status_request` for any backend with ``infer(image, instruction, task=None) -> dict`` and
 ``status() -> dict`` (the real one is kaizen.runtime.station.Station). Every bad request gets
-an `error` reply and the server keeps serving. Requests are answered one at a time, in
-arrival order, by one thread (the backend is the bottleneck; clients may be many).
+an `error` reply and the server keeps serving; whatever goes wrong with one message (even a
+failed send) is logged and counted, never the end of the thread. Requests are answered one at
+a time, in arrival order, by one thread (the backend is the bottleneck; clients may be many).
+Admin commands (rollback, install) are not served here: see runtime/admin.py.
 
     with InferenceServer(station, "ipc:///run/kaizen/infer.sock") as server:
         with InferenceClient(server.endpoint, timeout_ms=5000) as client:
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -27,17 +31,24 @@ from .protocol import MAX_MESSAGE_BYTES, Message, WireError, decode, error_reply
 
 log = logging.getLogger(__name__)
 
-SERVED_TYPES = frozenset({"infer_request", "status_request", "rollback_request"})
+SERVED_TYPES = frozenset({"infer_request", "status_request"})
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 LATENCY_WINDOW = 1000  # successful infer requests kept for the percentiles
 
 
 def check_local_endpoint(endpoint: str, allow_remote: bool = False) -> None:
-    """Refuse endpoints other than ipc://, inproc:// and tcp:// on loopback (unless allowed)."""
+    """Refuse endpoints other than ipc://PATH, inproc:// and tcp:// on loopback (unless allowed).
+
+    Abstract sockets (``ipc://@name``) are refused: anyone on the host may bind or connect them.
+    """
     scheme, sep, rest = endpoint.partition("://")
     if not sep or scheme not in ("ipc", "inproc", "tcp") or not rest:
         raise ConfigError(f"inference endpoint {endpoint!r} must be ipc://PATH or "
                           "tcp://127.0.0.1:PORT")
+    if scheme == "ipc" and (rest.startswith("@") or rest.startswith("\0")):
+        raise ConfigError(f"endpoint {endpoint!r} is an abstract socket, which has no file "
+                          "permissions (any local user can bind or connect it): use "
+                          "ipc:///PATH in a private folder")
     if scheme == "tcp":
         host = rest.rsplit(":", 1)[0]
         if host not in LOCAL_HOSTS and not allow_remote:
@@ -46,12 +57,35 @@ def check_local_endpoint(endpoint: str, allow_remote: bool = False) -> None:
                               "allowed; pass allow_remote=True to bind other hosts")
 
 
+def check_ipc_folder(endpoint: str) -> None:
+    """An ipc:// socket's folder must exist and be writable by its owner only (us or root).
+
+    A folder others can write (such as /tmp) lets another user bind the path first and answer
+    the station's clients ("squatting"). ConfigError naming the folder if so.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    folder = Path(endpoint[len("ipc://"):]).parent
+    try:
+        st = folder.stat()
+    except OSError as err:
+        raise ConfigError(f"endpoint {endpoint!r}: its folder {folder} is not usable "
+                          f"({err.strerror or err}); create it (mode 0700 or 0755)") from None
+    if st.st_uid not in (os.getuid(), 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"endpoint {endpoint!r}: folder {folder} is writable by other users "
+                          f"(mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}), so "
+                          "another user could bind this path first: put the socket in a "
+                          "private runtime folder such as /run/kaizen (systemd "
+                          "RuntimeDirectory) or the station's state_dir/run")
+
+
 class _Stats:
     """Request/error counters and a window of infer latencies (thread-safe reads)."""
 
     def __init__(self, window: int):
         self.lock = threading.Lock()
         self.requests = 0
+        self.dropped = 0   # messages that got no reply (a failed send, a broken envelope)
         self.errors: collections.Counter = collections.Counter()
         self.latencies = collections.deque(maxlen=window)
 
@@ -69,6 +103,7 @@ class _Stats:
             pct = {f"p{q}": (round(float(np.percentile(lat, q)), 3) if lat.size else None)
                    for q in (50, 95, 99)}
             return {"requests": self.requests, "errors": sum(self.errors.values()),
+                    "dropped": self.dropped,
                     "errors_by_code": dict(self.errors), "latency_ms": {**pct, "n": int(lat.size)}}
 
 
@@ -96,23 +131,37 @@ class InferenceServer:
     def start(self) -> InferenceServer:
         """Bind (errors raise here, in the caller's thread) and start serving."""
         if self._thread is not None or self._stop.is_set():
-            raise RuntimeError("InferenceServer.start() called twice or after stop(): "
-                               "make a new InferenceServer")
+            raise RuntimeError(f"{type(self).__name__}.start() called twice or after stop(): "
+                               "make a new one")
+        if self.requested_endpoint.startswith("ipc://"):
+            folder = Path(self.requested_endpoint[len("ipc://"):]).parent
+            if not folder.exists():   # e.g. the default state_dir/run: created private
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_ipc_folder(self.requested_endpoint)
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_bytes)  # hard per-frame cap: disconnect
+        # Hard per-frame cap: a peer sending a frame over the whole-message limit is
+        # disconnected before the frame is buffered; the sum of frames is checked by decode().
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
         try:
             sock.bind(self.requested_endpoint)
-        except zmq.ZMQError as err:
+            self._after_bind(sock)
+        except (zmq.ZMQError, OSError) as err:
             sock.close(0)
-            raise ConfigError(f"cannot bind inference endpoint {self.requested_endpoint!r}: "
+            raise ConfigError(f"cannot bind endpoint {self.requested_endpoint!r}: "
                               f"{err}") from err
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock  # handed to the thread; the thread start is the memory barrier
-        self._thread = threading.Thread(target=self._serve, name="kaizen-infer", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=self.thread_name, daemon=True)
         self._thread.start()
-        log.info("inference endpoint serving on %s", self.endpoint)
+        log.info("%s serving on %s", self.thread_name, self.endpoint)
         return self
+
+    thread_name = "kaizen-infer"
+    served_types = SERVED_TYPES
+
+    def _after_bind(self, sock: zmq.Socket) -> None:
+        """Hook for subclasses (the admin server restricts its socket file)."""
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving, close the socket (and the context if it is ours)."""
@@ -135,17 +184,33 @@ class InferenceServer:
         sock = self._socket
         try:
             while not self._stop.is_set():
-                if not sock.poll(self.poll_ms, zmq.POLLIN):
-                    continue
-                frames = sock.recv_multipart(copy=False)
-                envelope, payload = split_envelope(frames)
-                reply_frames = self.handle(payload)
-                try:
-                    sock.send_multipart([*envelope, *reply_frames], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    log.warning("dropped a reply: peer %r is gone or not reading", envelope)
+                if sock.poll(self.poll_ms, zmq.POLLIN):
+                    self._serve_one(sock)
         finally:
             sock.close(0)
+
+    def _serve_one(self, sock: zmq.Socket) -> None:
+        """Receive one message and answer it; nothing that goes wrong here ends the thread."""
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        try:
+            envelope, payload = split_envelope(frames)
+            reply_frames = self.handle(payload)
+            del frames, payload
+            sock.send_multipart([*envelope, *reply_frames], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._drop("dropped a reply: the peer is gone or not reading")
+        except Exception:  # noqa: BLE001 - the loop must outlive any one message
+            log.exception("%s: dropped a message that could not be answered", self.thread_name)
+            self._drop(None)
+
+    def _drop(self, why: str | None) -> None:
+        if why:
+            log.warning("%s: %s", self.thread_name, why)
+        with self.stats.lock:
+            self.stats.dropped += 1
 
     def handle(self, payload: list) -> list[bytes]:
         """Answer one request's frames (envelope removed) with the reply's frames."""
@@ -153,16 +218,17 @@ class InferenceServer:
         request = None
         try:
             try:
-                request = decode(payload, max_bytes=self.max_bytes, allowed_types=SERVED_TYPES)
+                request = decode(payload, max_bytes=self.max_bytes,
+                                 allowed_types=self.served_types)
             except WireError as err:
                 reply = error_reply(err.msg_id, err.code, err.detail)
             else:
                 reply = self._dispatch(request)
             frames = reply.encode()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             # The one broad catch: whatever a backend does wrong (a bug, a result that is not
             # JSON), the endpoint must answer and keep serving the line. Logged with traceback.
-            log.exception("inference endpoint: unexpected error answering %s",
+            log.exception("%s: unexpected error answering %s", self.thread_name,
                           request.msg_type if request else "a request")
             reply = error_reply(request, "internal", f"{type(err).__name__}: {err}")
             frames = reply.encode()
@@ -170,15 +236,10 @@ class InferenceServer:
                           time.perf_counter() - started)
         return frames
 
-    def _rollback(self, request: Message) -> Message:
-        return _rollback_of(self.backend, request)
-
     def _dispatch(self, request: Message) -> Message:
         if request.msg_type == "status_request":
             return ok_reply(request, {"station": self.backend.status(),
                                       "endpoint": self.stats.snapshot()})
-        if request.msg_type == "rollback_request":
-            return self._rollback(request)
         try:
             image, instruction, task = _infer_args(request)
             result = self.backend.infer(image, instruction, task=task)
@@ -188,20 +249,25 @@ class InferenceServer:
             return error_reply(request, err.code, err.detail)
         except KaizenError as err:
             return error_reply(request, type(err).__name__, str(err))
+        except Exception as err:
+            # content the decoder refuses: PIL's DecompressionBombError (too many pixels; PIL
+            # is imported by the backend, not here), a string that is not valid Unicode
+            if type(err).__name__ == "DecompressionBombError" or isinstance(err, UnicodeError):
+                return error_reply(request, "bad_input", f"unusable image or instruction: "
+                                   f"{type(err).__name__}: {err}")
+            raise
         if not isinstance(result, dict):
             raise TypeError(f"backend.infer returned {type(result).__name__}, not a dict")
-        return ok_reply(request, {k: v for k, v in result.items() if k != "status"})
+        body = {k: v for k, v in result.items() if k != "status"}
+        if isinstance(body.get("scores"), dict):
+            body["scores"] = scores_list(body["scores"])
+        return ok_reply(request, body)
 
 
-def _rollback_of(backend, request: Message) -> Message:
-    """rollback_request -> backend.rollback(task_id); PackError (no previous version) -> error reply."""
-    if not hasattr(backend, "rollback"):
-        return error_reply(request, "unsupported_type", "this backend cannot roll packs back")
-    try:
-        manifest = backend.rollback(request.body["task_id"])
-    except KaizenError as err:
-        return error_reply(request, type(err).__name__, str(err))
-    return ok_reply(request, {"task_id": manifest.task_id, "version": manifest.version})
+def scores_list(scores: dict) -> list[dict]:
+    """{task: score} -> [{"task_id", "score"}, ...] best first (a JSON object has no order)."""
+    items = sorted(scores.items(), key=lambda kv: -float(kv[1]))
+    return [{"task_id": str(k), "score": v} for k, v in items]
 
 
 def _infer_args(request: Message):
@@ -265,11 +331,6 @@ class InferenceClient:
         if task is not None:
             body["task"] = task
         reply = self.request(Message("infer_request", body, {"image": image}))
-        return {k: v for k, v in reply.body.items() if k != "status"}
-
-    def rollback(self, task_id: str) -> dict:
-        """Ask the station to return `task_id` to its previous pack: {"task_id", "version"}."""
-        reply = self.request(Message("rollback_request", {"task_id": task_id}))
         return {k: v for k, v in reply.body.items() if k != "status"}
 
     def status(self) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,10 +28,14 @@ import zmq
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # total of all frames of one message
 CHUNK_SIZE = 256 * 1024  # pack bytes per `chunk` message
 MAX_HEADER_BYTES = 64 * 1024  # header frame alone (buffer descriptors included)
+MAX_JSON_DEPTH = 32  # nesting of objects/lists in a header or body
+MAX_INT = 2 ** 63 - 1  # every integer in a body fits a signed 64-bit int (JSON peers, SQLite)
+MAX_DIMS = 8  # dimensions of an array buffer
+MSG_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # uuid4 hex
 
 # Array dtypes allowed on the wire, always little-endian ("f4" means "<f4").
 ALLOWED_DTYPES = ("u1", "i1", "u2", "i2", "i4", "i8", "f2", "f4", "f8", "b1")
@@ -44,9 +49,11 @@ ERROR_CODES = {
     "unsupported_type": "msg_type is valid but this socket does not serve it",
     "bad_body": "a required body field is missing or has the wrong type/value",
     "bad_buffer": "buffer count/names/dtype/shape/nbytes do not match the header",
-    "too_large": "the message (sum of all frames) is over the receiver's max_bytes",
-    "bad_input": "the image or instruction is unusable (backend InputError or endpoint check)",
-    "internal": "unexpected failure on the receiver; the detail has the exception text",
+    "too_large": "the message (sum of all frames) is over the receiver's max_bytes, or the "
+                 "header frame is over MAX_HEADER_BYTES",
+    "bad_input": "unusable content: the image or instruction (backend InputError, image too "
+                 "large to decode) or a string that is not valid Unicode (a lone surrogate)",
+    "internal": "unexpected failure on the receiver (a bug); the detail names the exception",
     "timeout": "client side only: no reply within the timeout",
 }
 
@@ -72,9 +79,13 @@ MESSAGE_TYPES: dict[str, MsgSpec] = {
     "infer_reply": MsgSpec("inference", {"status": str}, (), "the backend's result"),
     "status_request": MsgSpec("inference", {}, (), "ask for health and latency"),
     "status_reply": MsgSpec("inference", {"status": str, "station": dict, "endpoint": dict}),
-    "rollback_request": MsgSpec("inference", {"task_id": str}, (),
+    # admin link: `kaizen station rollback|install` -> station admin ROUTER (local ipc only)
+    "rollback_request": MsgSpec("admin", {"task_id": str}, (),
                                 "local admin: return a task to its previous pack"),
-    "rollback_reply": MsgSpec("inference", {"status": str, "task_id": str, "version": int}),
+    "rollback_reply": MsgSpec("admin", {"status": str, "task_id": str, "version": int}),
+    "install_request": MsgSpec("admin", {"path": str}, (),
+                               "local admin: install a .kpk file from the station's disk"),
+    "install_reply": MsgSpec("admin", {"status": str, "task_id": str, "version": int}),
     "error": MsgSpec("both", {"status": str, "error": str, "detail": str}, (), "error reply"),
     # fleet link: station DEALER <-> hub ROUTER (CURVE); announce over PUB
     "hello": MsgSpec("fleet", {"station_id": str, "base_fingerprint": str,
@@ -98,7 +109,7 @@ LIST_ITEM_FIELDS: dict[str, dict] = {
 
 # Default reply type of a request, used by ok_reply when no msg_type is given.
 REPLY_TYPES = {"infer_request": "infer_reply", "status_request": "status_reply",
-               "rollback_request": "rollback_reply",
+               "rollback_request": "rollback_reply", "install_request": "install_reply",
                "hello": "desired_state", "fetch": "chunk", "report": "ack"}
 
 
@@ -205,8 +216,9 @@ def decode(frames, *, max_bytes: int = MAX_MESSAGE_BYTES, allowed_types=None) ->
     if len(frames[0]) > MAX_HEADER_BYTES:
         raise WireError("too_large", f"header frame is {len(frames[0])} bytes, over "
                         f"{MAX_HEADER_BYTES}")
-    header = _loads(frames[0], "frame 0 (header)")
-    msg_id = header.get("msg_id") if isinstance(header.get("msg_id"), str) else None
+    header = _loads(frames[0], "frame 0 (header)", header=True)
+    msg_id = header.get("msg_id")
+    msg_id = msg_id if isinstance(msg_id, str) and MSG_ID_RE.match(msg_id) else None
     _check_header(header, msg_id)
     msg_type = header["msg_type"]
     if allowed_types is not None and msg_type not in allowed_types:
@@ -223,41 +235,96 @@ def _peek_msg_id(frame) -> str | None:
     if len(frame) > MAX_HEADER_BYTES:
         return None
     try:
-        header = json.loads(bytes(frame))
-    except (UnicodeDecodeError, ValueError):
+        header = _loads(frame, "header", header=True)
+    except WireError:
         return None
-    msg_id = header.get("msg_id") if isinstance(header, dict) else None
-    return msg_id if isinstance(msg_id, str) and msg_id else None
+    msg_id = header.get("msg_id")
+    return msg_id if isinstance(msg_id, str) and MSG_ID_RE.match(msg_id) else None
 
 
-def _loads(frame, what: str, msg_id: str | None = None) -> dict:
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range (strict JSON: finite numbers only)")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+def _loads(frame, what: str, msg_id: str | None = None, *, header: bool = False) -> dict:
+    """Parse one JSON frame strictly: no NaN/Infinity, bounded depth and ints, valid Unicode."""
     try:
-        obj = json.loads(bytes(frame))
+        obj = json.loads(bytes(frame), parse_float=_strict_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise WireError("bad_frames", f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} "
+                        "levels)", msg_id) from None
     except (UnicodeDecodeError, ValueError) as err:
-        raise WireError("bad_frames", f"{what} is not JSON: {err}", msg_id) from err
+        raise WireError("bad_frames", f"{what} is not JSON (strict JSON: no NaN/Infinity): "
+                        f"{err}", msg_id) from None
     if not isinstance(obj, dict):
         raise WireError("bad_frames", f"{what} must be a JSON object, got "
                         f"{type(obj).__name__}", msg_id)
+    problem = _json_problem(obj)
+    if problem is not None:
+        kind, text = problem
+        code = "bad_frames" if header or kind == "depth" else \
+            ("bad_input" if kind == "unicode" else "bad_body")
+        raise WireError(code, f"{what}: {text}", None if header else msg_id)
     return obj
+
+
+def _json_problem(obj) -> tuple[str, str] | None:
+    """("depth" | "int" | "unicode", why) for the first value outside the wire's bounds, else None."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return "depth", f"nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(value, dict):
+            items = list(value.keys()) + list(value.values())
+        elif isinstance(value, list):
+            items = value
+        else:
+            items = (value,)
+        for item in items:
+            if isinstance(item, str):
+                if not item.isascii():
+                    try:
+                        item.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return "unicode", "a string holds a lone surrogate (not valid Unicode)"
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if abs(item) > MAX_INT:
+                    return "int", f"integer {str(item)[:20]}... is out of range (|n| < 2**63)"
+            elif isinstance(item, (dict, list)) and item is not value:
+                stack.append((item, depth + 1))
+    return None
 
 
 def _check_header(header: dict, msg_id: str | None) -> None:
     version = header.get("protocol_version")
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
-        raise WireError("version_mismatch", f"header protocol_version is {version!r}, this peer "
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError("version_mismatch", f"header protocol_version is {_short(version)}, this peer "
                         f"speaks version {PROTOCOL_VERSION}", msg_id)
     msg_type = header.get("msg_type")
     if not isinstance(msg_type, str) or msg_type not in MESSAGE_TYPES:
-        raise WireError("unknown_type", f"header msg_type {msg_type!r} is not one of "
+        raise WireError("unknown_type", f"header msg_type {_short(msg_type)} is not one of "
                         f"{sorted(MESSAGE_TYPES)}", msg_id)
     if not msg_id:
-        raise WireError("bad_frames", "header msg_id is missing or not a non-empty string")
-    if not isinstance(header.get("reply_to"), OPT_STR):
-        raise WireError("bad_frames", "header reply_to must be a string or null", msg_id)
+        raise WireError("bad_frames", "header msg_id is missing or not a uuid4 hex string "
+                        "(32 lowercase hex digits)")
+    if "reply_to" not in header:
+        raise WireError("bad_frames", "header reply_to is missing (null for a request)", msg_id)
+    reply_to = header["reply_to"]
+    if reply_to is not None and not (isinstance(reply_to, str) and MSG_ID_RE.match(reply_to)):
+        raise WireError("bad_frames", "header reply_to must be null or a msg_id (32 lowercase "
+                        "hex digits)", msg_id)
     sent_at = header.get("sent_at")
     if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool) or \
             not math.isfinite(sent_at):
-        raise WireError("bad_frames", f"header sent_at must be a unix time, got {sent_at!r}",
+        raise WireError("bad_frames", f"header sent_at must be a unix time, got {_short(sent_at)}",
                         msg_id)
     if not isinstance(header.get("buffers"), list):
         raise WireError("bad_frames", "header buffers must be a list of descriptors", msg_id)
@@ -271,7 +338,8 @@ def _field_ok(value, spec) -> bool:
         return False  # JSON true is not an int field
     if not isinstance(value, types):
         return False
-    return not (isinstance(value, int) and value < 0)  # every int field is a size/offset/version
+    # every int field is a size/offset/version: 0 <= n <= MAX_INT
+    return not (isinstance(value, int) and not 0 <= value <= MAX_INT)
 
 
 def _describe(spec) -> str:
@@ -291,9 +359,18 @@ def validate_body(msg_type: str, body, msg_id: str | None = None) -> None:
             raise WireError("bad_body", f"{msg_type} body is missing field {name!r}", msg_id)
         if not _field_ok(body[name], spec):
             raise WireError("bad_body", f"{msg_type} body field {name!r} must be "
-                            f"{_describe(spec)}, got {body[name]!r:.80}", msg_id)
+                            f"{_describe(spec)}, got {_short(body[name])}", msg_id)
         if name in LIST_ITEM_FIELDS:
             _validate_items(msg_type, name, body[name], msg_id)
+
+
+def _short(value) -> str:
+    """A bounded repr of a JSON value for an error detail."""
+    if isinstance(value, str):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'} of {len(value)} items"
+    return repr(value)[:60]
 
 
 def _validate_items(msg_type: str, name: str, items: list, msg_id: str | None) -> None:
@@ -340,22 +417,36 @@ def _decode_array(where: str, desc: dict, frame, msg_id) -> np.ndarray:
     if dtype not in ALLOWED_DTYPES:
         raise WireError("bad_buffer", f"{where} {name!r}: dtype {dtype!r} is not allowed "
                         f"(allowed: {', '.join(ALLOWED_DTYPES)})", msg_id)
-    if not isinstance(shape, list) or not all(
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise WireError("bad_buffer", f"{where} {name!r}: shape must be a list of ints >= 0, "
-                        f"got {shape!r}", msg_id)
+        raise WireError("bad_buffer", f"{where} {name!r}: shape must be a list of at most "
+                        f"{MAX_DIMS} ints >= 0, got {_short(shape)}", msg_id)
     dt = np.dtype("<" + dtype)
     expected = math.prod(shape) * dt.itemsize
+    if 0 in shape and any(d > MAX_INT // 8 for d in shape):
+        raise WireError("bad_buffer", f"{where} {name!r}: shape {_short(shape)} has a "
+                        "dimension too large for an array", msg_id)
     if expected != len(frame):
         raise WireError("bad_buffer", f"{where} {name!r}: shape {shape} of {dtype} needs "
                         f"{expected} bytes, the frame has {len(frame)}", msg_id)
     return np.frombuffer(frame, dtype=dt).reshape(shape)  # read-only view, no copy
 
 
+MAX_DETAIL_CHARS = 2000
+_OBJECT_REPR = re.compile(r"<[^<>\n]{1,200}? at 0x[0-9a-fA-F]+>")
+
+
+def clean_detail(detail) -> str:
+    """An error detail for the wire: no Python object reprs (``<x object at 0x...>``), bounded."""
+    text = _OBJECT_REPR.sub("<object>", str(detail))
+    text = text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates on the wire
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
+
+
 def error_reply(request, error: str, detail: str) -> Message:
     """An "error" message replying to ``request`` (a Message, a msg_id string, or None)."""
     reply_to = request.msg_id if isinstance(request, Message) else request
-    return Message("error", {"status": "error", "error": str(error), "detail": str(detail)},
+    return Message("error", {"status": "error", "error": str(error), "detail": clean_detail(detail)},
                    reply_to=reply_to)
 
 

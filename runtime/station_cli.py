@@ -1,12 +1,14 @@
-"""Station commands: `kaizen infer`, `kaizen station status`, `kaizen station rollback`.
+"""Station commands: `kaizen infer`, `kaizen station status|rollback|install`.
 
     kaizen infer --bundle B --packs STORE --trust KEYS --image part.png --ask "Is the seal torn?"
     kaizen infer --endpoint ipc:///run/kaizen/station.ipc --image part.png --ask "..."
     kaizen station status --config station.toml     # asks the running station, else reads the store
     kaizen station rollback TASK --config station.toml
+    kaizen station install PACK.kpk --config station.toml   # same checks as a delivered pack
 
-A running station holds its store's lock, so status and rollback go through its local inference
-endpoint; with no station running they open the store directly.
+A running station holds its store's lock, so status goes through its inference endpoint and
+rollback / install through its local admin channel (runtime/admin.py: a private ipc socket,
+the station's own user only); with no station running they open the store directly.
 """
 
 from __future__ import annotations
@@ -100,16 +102,36 @@ def _offline_packs(cfg) -> list[dict]:
         return store.list()
 
 
-def _running(endpoint: str) -> bool:
-    """Whether a station answers a status request on `endpoint` within 2 s."""
-    from .endpoint import InferenceClient
+def _admin_running(cfg) -> bool:
+    """Whether the station answers on its admin channel within 2 s (no socket file: no)."""
+    from .admin import AdminClient, check_admin_endpoint
 
+    if not check_admin_endpoint(cfg.admin_endpoint).exists():
+        return False
     try:
-        with InferenceClient(endpoint, timeout_ms=2000) as client:
+        with AdminClient(cfg.admin_endpoint, timeout_ms=2000) as client:
             client.status()
         return True
     except ProtocolError:
         return False
+
+
+def _admin_or_store(cfg, what: str, remote, local) -> dict:
+    """Run `remote(AdminClient)` on a running station, else `local(Station)` on its store."""
+    if _admin_running(cfg):
+        from .admin import AdminClient
+
+        with AdminClient(cfg.admin_endpoint, timeout_ms=120000) as client:
+            return remote(client)
+    from .daemon_state import station_from_config
+
+    print(f"station not running: {what} in its store directly", file=sys.stderr)
+    station = station_from_config(cfg)
+    try:
+        m = local(station)
+    finally:
+        station.close()
+    return {"task_id": m.task_id, "version": m.version}
 
 
 def cli_rollback(argv: list[str]) -> int:
@@ -117,21 +139,23 @@ def cli_rollback(argv: list[str]) -> int:
     ap.add_argument("task", help="task id")
     ap.add_argument("--config", required=True, help="station.toml")
     a = ap.parse_args(argv)
-    cfg = _config(a.config)
-    if _running(cfg.inference_endpoint):
-        from .endpoint import InferenceClient
+    result = _admin_or_store(_config(a.config), "rolling back", lambda c: c.rollback(a.task),
+                             lambda st: st.rollback(a.task))
+    print(f"{result['task_id']} is now at version {result['version']}")
+    return 0
 
-        with InferenceClient(cfg.inference_endpoint, timeout_ms=30000) as client:
-            result = client.rollback(a.task)
-    else:
-        from .daemon_state import station_from_config
 
-        print("station not running: rolling back in its store directly", file=sys.stderr)
-        station = station_from_config(cfg)
-        try:
-            m = station.rollback(a.task)
-        finally:
-            station.close()
-        result = {"task_id": m.task_id, "version": m.version}
+def cli_install(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="kaizen station install",
+                                 description="install a .kpk file on this station (signature, base, "
+                                             "version and golden-probe checks of a delivered pack)")
+    ap.add_argument("pack", type=Path, help="the .kpk file (on this machine)")
+    ap.add_argument("--config", required=True, help="station.toml")
+    a = ap.parse_args(argv)
+    if not a.pack.is_file():
+        raise ConfigError(f"{a.pack}: no such pack file")
+    pack = a.pack.resolve()
+    result = _admin_or_store(_config(a.config), "installing", lambda c: c.install(pack),
+                             lambda st: st.install(pack))
     print(f"{result['task_id']} is now at version {result['version']}")
     return 0

@@ -93,7 +93,7 @@ def test_round_trips_encoded_path_and_array(served, tmp_path):
     assert not server.endpoint.endswith("*")
     out = client.infer(PNG, "is it scratched?", task="holes")
     assert out["answer"] == "is it scratched?|encoded" and out["task_id"] == "holes"
-    assert out["scores"] == {"holes": 0.9} and "status" not in out
+    assert out["scores"] == [{"task_id": "holes", "score": 0.9}] and "status" not in out
     path = tmp_path / "part.png"
     path.write_bytes(PNG)
     assert client.infer(path, "from a file")["answer"] == "from a file|encoded"
@@ -157,12 +157,14 @@ def server_endpoint_named(err, client):
     ([b"garbage"], "bad_frames"),
     ([b"", b"{}"], "bad_frames"),
     ([b"{not json", b"{}"], "bad_frames"),
-    (_request_frames(header={"protocol_version": 2}), "version_mismatch"),
+    (_request_frames(header={"protocol_version": 1}), "version_mismatch"),
     (_request_frames(msg_type="hello", body={"station_id": "s", "base_fingerprint": "f",
                                              "runtime_version": "1", "installed": []},
                      buffers={}), "unsupported_type"),
     (_request_frames(header={"msg_type": "frobnicate"}), "unknown_type"),
-    (_request_frames(buffers={"image": b"\x89PNG" + b"x" * 300_000}), "too_large"),
+    # every frame is under the 256 KiB limit, their sum is not
+    (_request_frames(buffers={"image": b"\x89PNG" + b"x" * 150_000, "extra": b"y" * 150_000}),
+     "too_large"),
     (_request_frames()[:2], "bad_buffer"),
 ])
 def test_raw_bad_frames_get_an_error_reply(served, frames, code):
@@ -327,27 +329,9 @@ def test_bench_roundtrip_reports_percentiles():
     assert 0 < out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] < 1000
 
 
-def test_rollback_request_reaches_the_backend(tmp_path):
-    """`kaizen station rollback` goes through the local endpoint to backend.rollback."""
-    from types import SimpleNamespace
-
-    from kaizen.runtime.endpoint import InferenceClient, InferenceServer
-    from kaizen.runtime.errors import PackError
-
-    class Backend:
-        def infer(self, image, instruction, task=None):
-            return {"answer": "x"}
-
-        def status(self):
-            return {}
-
-        def rollback(self, task_id):
-            if task_id != "holes":
-                raise PackError(f"no previous version of {task_id}")
-            return SimpleNamespace(task_id=task_id, version=2)
-
-    server = InferenceServer(Backend(), f"ipc://{tmp_path}/rb.ipc")
-    with server, InferenceClient(server.endpoint, timeout_ms=3000) as client:
-        assert client.rollback("holes") == {"task_id": "holes", "version": 2}
-        with pytest.raises(Exception, match="no previous version of seal"):
-            client.rollback("seal")
+def test_rollback_request_is_not_served_on_the_inference_endpoint(served):
+    """Admin commands go through the local admin channel (runtime/admin.py), never here."""
+    server, client, _ = served
+    reply = _raw_exchange(server.endpoint, P.Message("rollback_request", {"task_id": "holes"}).encode())
+    assert reply.body["error"] == "unsupported_type"
+    assert client.infer(PNG, "after")["answer"] == "after|encoded"

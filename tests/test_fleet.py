@@ -149,7 +149,7 @@ def test_unknown_station_key_gets_nothing_and_leaves_no_state(fleet, packs, tmp_
         assert db.stations() == [] and db.deliveries() == []
     finally:
         db.close()
-    assert hub.stats.fetches == []
+    assert list(hub.stats.fetches) == []
 
 
 def test_hello_claiming_another_station_id_is_refused(fleet):
@@ -165,7 +165,7 @@ def test_hello_claiming_another_station_id_is_refused(fleet):
         ctx.destroy(linger=0)
     assert [r.msg_type for r in replies] == ["error"]
     assert replies[0].body["error"] == "identity_mismatch"
-    assert hub.stats.refused_hellos == [(fleet.station_ids[0], fleet.station_ids[1])]
+    assert list(hub.stats.refused_hellos) == [(fleet.station_ids[0], fleet.station_ids[1])]
     db = HubDB(fleet.hub_config.db_path)
     try:
         assert db.stations() == []

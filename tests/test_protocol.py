@@ -20,6 +20,8 @@ GOOD_BODIES = {
     "status_reply": {"status": "ok", "station": {}, "endpoint": {}},
     "rollback_request": {"task_id": "holes"},
     "rollback_reply": {"status": "ok", "task_id": "holes", "version": 2},
+    "install_request": {"path": "/var/lib/kaizen/incoming/holes-3.kpk"},
+    "install_reply": {"status": "ok", "task_id": "holes", "version": 3},
     "error": {"status": "error", "error": "bad_input", "detail": "empty"},
     "hello": {"station_id": "s1", "base_fingerprint": "ab", "runtime_version": "0.1.0",
               "installed": [{"task_id": "holes", "version": 2}]},
@@ -65,12 +67,12 @@ def test_every_registered_type_round_trips():
 def test_header_carries_version_id_and_buffer_descriptors():
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     msg = P.Message("infer_request", {"instruction": "x", "image_format": "array"},
-                    {"image": image, "raw": b"xyz"}, reply_to="r" * 32)
+                    {"image": image, "raw": b"xyz"}, reply_to="ab" * 16)
     frames = msg.encode()
     header = json.loads(frames[0])
-    assert header["protocol_version"] == P.PROTOCOL_VERSION == 1
+    assert header["protocol_version"] == P.PROTOCOL_VERSION == 2
     assert header["msg_type"] == "infer_request" and re.fullmatch(r"[0-9a-f]{32}", header["msg_id"])
-    assert header["reply_to"] == "r" * 32 and isinstance(header["sent_at"], float)
+    assert header["reply_to"] == "ab" * 16 and isinstance(header["sent_at"], float)
     assert header["buffers"] == [
         {"name": "image", "dtype": "u1", "shape": [2, 3, 3], "nbytes": 18},
         {"name": "raw", "kind": "bytes", "nbytes": 3},
@@ -131,7 +133,8 @@ def test_decode_rejects_malformed_frames(frames, code, words):
 
 
 @pytest.mark.parametrize("patch, code, words", [
-    ({"protocol_version": 2}, "version_mismatch", "protocol_version is 2"),
+    ({"protocol_version": 1}, "version_mismatch", "protocol_version is 1"),
+    ({"protocol_version": 2.0}, "version_mismatch", "protocol_version is 2.0"),
     ({"protocol_version": None}, "version_mismatch", "protocol_version is None"),
     ({"protocol_version": True}, "version_mismatch", "protocol_version is True"),
     ({"msg_type": "frobnicate"}, "unknown_type", "'frobnicate'"),
@@ -139,7 +142,10 @@ def test_decode_rejects_malformed_frames(frames, code, words):
     ({"msg_type": None}, "unknown_type", "msg_type"),
     ({"msg_id": ""}, "bad_frames", "msg_id"),
     ({"msg_id": 7}, "bad_frames", "msg_id"),
+    ({"msg_id": "not-a-uuid4-hex"}, "bad_frames", "uuid4 hex"),
     ({"reply_to": 3}, "bad_frames", "reply_to"),
+    ({"reply_to": "x" * 32}, "bad_frames", "reply_to"),
+    ({"sent_at": 10 ** 400}, "bad_frames", "out of range"),
     ({"sent_at": "noon"}, "bad_frames", "sent_at"),
     ({"buffers": {}}, "bad_frames", "buffers must be a list"),
 ])
