@@ -176,6 +176,21 @@ def test_upside_down_answer_is_a_half_turn_of_the_same_drawing(sources):
     assert np.array_equal(box[::-1, ::-1], down[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
 
 
+def test_upside_down_leaves_out_drawings_that_look_the_same_turned(sources):
+    index = S.clipart_index(sources.clipart)
+    orange = next(s for s in index["food"] if s.rel == "food/fruit/rondelle_d_orange_01.png")
+    car = next(s for s in index["vehicle"] if s.rel == "transportation/vehicles/car.png")
+    assert R.turn_ambiguous(S.load_clip(orange, SIZE))
+    assert not R.turn_ambiguous(S.load_clip(car, SIZE))
+    # enough test samples to go round every kind's test pool: all usable drawings, no ambiguous one
+    (task,) = R.realdev_stream(seed=0, n_train=1, n_test=500, size=32, tasks=("upside_down",))
+    used = {R.image_id(s) for s in task.test}
+    pool = [src for _, test in R.clipart_split(0).values() for src in test if S.load_clip(src, 32) is not None]
+    ambiguous = {f"clipart:{src.rel}" for src in pool if R.turn_ambiguous(S.load_clip(src, 32))}
+    assert ambiguous and not ambiguous & used
+    assert used == {f"clipart:{src.rel}" for src in pool} - ambiguous
+
+
 def test_nomatch_set_shares_no_image_or_instruction_with_the_tasks(stream, sources):
     nomatch = R.nomatch_set(seed=0, n=24, size=SIZE)
     assert len(nomatch) == 24 and {s.task_id for s in nomatch} == {R.NOMATCH_ID}
@@ -198,7 +213,7 @@ def test_nomatch_set_shares_no_image_or_instruction_with_the_tasks(stream, sourc
 
 
 def test_sources_are_cached_atomically_and_a_warm_load_is_identical(stream, cache):
-    clips = list((cache / f"clip{SIZE}").glob("*.npy"))
+    clips = list(cache.glob(f"clip{SIZE}-v*/*.npy"))
     assert clips and list(cache.glob("mnist-*.npy"))
     assert not list(cache.rglob("*.tmp"))
     S._CLIPS.clear()

@@ -13,7 +13,8 @@ clipart_kind / is_food (and digit / digit_even) share the image domain and diffe
 upside_down / upside_down_digit share the question phrasings and differ in domain. Each task
 has 6 train phrasings and 3 test phrasings never used in training. Answers are balanced (counts
 differ by at most one) and so are the object kinds and digits behind each answer. upside_down_digit
-leaves out 0 1 8 (the same upside down) and 6 9 (each other upside down).
+leaves out 0 1 8 (the same upside down) and 6 9 (each other upside down); upside_down leaves
+out the few drawings that look the same turned or flipped top-bottom (`turn_ambiguous`).
 
 Train and test never share a source image, across the WHOLE stream: clip-art files are split
 per label by near-duplicate family (bw/colour, _01/_02 variants), 25% of the files to test;
@@ -52,6 +53,7 @@ BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (245, 240, 225), (228, 236, 244
 PAPERS = ((255, 255, 255), (250, 249, 242), (240, 236, 224), (232, 236, 240))
 INKS = ((20, 20, 20), (25, 35, 90), (60, 30, 30))
 NOMATCH_ID, NOMATCH_ANSWER = "nomatch", "no_match"
+SYMMETRY_MIN = 0.3  # upside_down leaves out drawings closer than this to their half-turn (turn_ambiguous)
 
 UPSIDE_TRAIN = ("Is the part upside down?", "Is this item upside down?",
                 "Is the object flipped upside down?", "Is it mounted upside down?",
@@ -179,6 +181,23 @@ def _cycle(items: list, rng: np.random.Generator, usable) -> Iterator:
             raise DataError(f"no usable image among {len(items)} sources; reinstall them")
 
 
+def turn_ambiguous(rgba: np.ndarray) -> bool:
+    """True when the drawing looks about the same turned by 180 degrees or flipped top-bottom
+    (an orange slice, a car seen from above): its upside_down answer could not be seen."""
+    im = Image.new("RGBA", (rgba.shape[1], rgba.shape[0]), (255, 255, 255, 255))
+    im.alpha_composite(Image.fromarray(rgba))
+    g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float32)
+    spread = np.abs(g - g.mean()).mean() + 1e-3
+    return min(np.abs(g - g[::-1, ::-1]).mean(), np.abs(g - g[::-1]).mean()) / spread < SYMMETRY_MIN
+
+
+def _usable(src: S.ClipSource, size: int, task_id: str) -> np.ndarray | None:
+    rgba = S.load_clip(src, size)
+    if rgba is None or (task_id == "upside_down" and turn_ambiguous(rgba)):
+        return None
+    return rgba
+
+
 def compose_clip(rgba: np.ndarray, size: int, rng: np.random.Generator, upside: bool) -> np.ndarray:
     """The drawing at 60-90% of the frame, maybe mirrored, on one of BACKGROUNDS."""
     bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -224,7 +243,7 @@ def _samples(task_id: str, split: str, seed: int, n: int, size: int, clip_split,
     if spec.domain == "clip":
         for code, label in enumerate(KINDS):
             pickers[label] = _cycle(clip_split[label][part], np.random.default_rng(
-                [seed, task_code, split_code, 100 + code]), lambda src: S.load_clip(src, size))
+                [seed, task_code, split_code, 100 + code]), lambda src: _usable(src, size, task_id))
     else:
         images, _ = S.load_mnist(S.find_sources().mnist)
         for d in range(10):

