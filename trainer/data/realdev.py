@@ -1,6 +1,7 @@
 """The `realdev` stream: six development tasks on REAL images (OpenClipArt PNGs, MNIST digits).
 
-Sources, caching and the install hints live in realdev_sources.py. Tasks, in stream order:
+Sources, caching and the install hints live in realdev_sources.py, drawing the images in
+realdev_render.py, raw-pixel baselines in realdev_probe.py. Tasks, in stream order:
 
     clipart_kind       clip-art object   "What kind of object is this?"   animal food vehicle tool plant
     digit              handwritten digit "Which digit is shown?"          0 1 2 3 4 5 6 7 8 9
@@ -38,22 +39,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from kaizen.runtime.errors import ConfigError
 
 from . import realdev_sources as S
+from .realdev_render import PROCEDURAL, compose_clip, compose_digit, procedural, turn_ambiguous
 from .synthetic import balanced
 from .types import DataError, Sample, Task
+
+__all__ = ["KINDS", "NOMATCH_ID", "SPECS", "TASK_IDS", "clipart_split", "compose_clip", "compose_digit",
+           "image_id", "mnist_split", "nomatch_set", "realdev_stream", "turn_ambiguous"]
 
 KINDS = ("animal", "food", "vehicle", "tool", "plant")
 UPSIDE_DIGITS = ("2", "3", "4", "5", "7")
 TEST_FRACTION = {"clip": 0.25, "digit": 0.20}
-BACKGROUNDS = ((255, 255, 255), (236, 236, 236), (245, 240, 225), (228, 236, 244), (232, 242, 230))
-PAPERS = ((255, 255, 255), (250, 249, 242), (240, 236, 224), (232, 236, 240))
-INKS = ((20, 20, 20), (25, 35, 90), (60, 30, 30))
 NOMATCH_ID, NOMATCH_ANSWER = "nomatch", "no_match"
-SYMMETRY_MIN = 0.3  # upside_down leaves out drawings closer than this to their half-turn (turn_ambiguous)
 
 UPSIDE_TRAIN = ("Is the part upside down?", "Is this item upside down?",
                 "Is the object flipped upside down?", "Is it mounted upside down?",
@@ -167,7 +167,7 @@ def mnist_split(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _cycle(items: list, rng: np.random.Generator, usable) -> Iterator:
+def _cycle(items: list, rng: np.random.Generator, usable, what: str) -> Iterator:
     """Items in a shuffled order, again and again, skipping those `usable` maps to None."""
     order = rng.permutation(len(items))
     while True:
@@ -178,17 +178,8 @@ def _cycle(items: list, rng: np.random.Generator, usable) -> Iterator:
                 got = True
                 yield items[i], value
         if not got:
-            raise DataError(f"no usable image among {len(items)} sources; reinstall them")
-
-
-def turn_ambiguous(rgba: np.ndarray) -> bool:
-    """True when the drawing looks about the same turned by 180 degrees or flipped top-bottom
-    (an orange slice, a car seen from above): its upside_down answer could not be seen."""
-    im = Image.new("RGBA", (rgba.shape[1], rgba.shape[0]), (255, 255, 255, 255))
-    im.alpha_composite(Image.fromarray(rgba))
-    g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float32)
-    spread = np.abs(g - g.mean()).mean() + 1e-3
-    return min(np.abs(g - g[::-1, ::-1]).mean(), np.abs(g - g[::-1]).mean()) / spread < SYMMETRY_MIN
+            raise DataError(f"{what}: none of its {len(items)} source images is usable; "
+                            f"reinstall the sources ({S.CLIPART_HINT}; {S.MNIST_HINT})")
 
 
 def _usable(src: S.ClipSource, size: int, task_id: str) -> np.ndarray | None:
@@ -196,39 +187,6 @@ def _usable(src: S.ClipSource, size: int, task_id: str) -> np.ndarray | None:
     if rgba is None or (task_id == "upside_down" and turn_ambiguous(rgba)):
         return None
     return rgba
-
-
-def compose_clip(rgba: np.ndarray, size: int, rng: np.random.Generator, upside: bool) -> np.ndarray:
-    """The drawing at 60-90% of the frame, maybe mirrored, on one of BACKGROUNDS."""
-    bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    scale = rng.uniform(0.6, 0.9) * size / max(rgba.shape[:2])
-    w, h = max(1, round(rgba.shape[1] * scale)), max(1, round(rgba.shape[0] * scale))
-    im = Image.fromarray(rgba).resize((w, h), Image.BILINEAR)
-    if rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    if upside:
-        im = im.transpose(Image.ROTATE_180)
-    return _paste(im, bg, size, rng)
-
-
-def compose_digit(digit: np.ndarray, size: int, rng: np.random.Generator, upside: bool) -> np.ndarray:
-    """The digit (white on black, 28x28) as ink on paper at 55-85% of the frame."""
-    paper = PAPERS[rng.integers(len(PAPERS))]
-    ink = INKS[rng.integers(len(INKS))]
-    side = round(rng.uniform(0.55, 0.85) * size)
-    alpha = Image.fromarray(digit).resize((side, side), Image.BILINEAR)
-    if upside:
-        alpha = alpha.transpose(Image.ROTATE_180)
-    im = Image.new("RGBA", (side, side), ink + (255,))
-    im.putalpha(alpha)
-    return _paste(im, paper, size, rng)
-
-
-def _paste(im: Image.Image, bg: tuple[int, int, int], size: int, rng: np.random.Generator) -> np.ndarray:
-    y, x = int(rng.integers(0, size - im.height + 1)), int(rng.integers(0, size - im.width + 1))
-    canvas = Image.new("RGBA", (size, size), bg + (255,))
-    canvas.alpha_composite(im, (x, y))
-    return np.asarray(canvas.convert("RGB"), dtype=np.uint8).copy()
 
 
 def _samples(task_id: str, split: str, seed: int, n: int, size: int, clip_split, digit_split) -> list[Sample]:
@@ -243,12 +201,14 @@ def _samples(task_id: str, split: str, seed: int, n: int, size: int, clip_split,
     if spec.domain == "clip":
         for code, label in enumerate(KINDS):
             pickers[label] = _cycle(clip_split[label][part], np.random.default_rng(
-                [seed, task_code, split_code, 100 + code]), lambda src: _usable(src, size, task_id))
+                [seed, task_code, split_code, 100 + code]), lambda src: _usable(src, size, task_id),
+                f"realdev task {task_id!r}, {split} images of {label!r}")
     else:
         images, _ = S.load_mnist(S.find_sources().mnist)
         for d in range(10):
             pickers[str(d)] = _cycle(list(digit_split[str(d)][part]), np.random.default_rng(
-                [seed, task_code, split_code, 200 + d]), lambda i: i)
+                [seed, task_code, split_code, 200 + d]), lambda i: i,
+                f"realdev task {task_id!r}, {split} images of digit {d}")
     out = []
     for i, (answer, label, upside) in enumerate(plan):
         src, value = next(pickers[label])
@@ -294,23 +254,6 @@ def realdev_stream(seed: int = 0, n_train: int = 200, n_test: int = 50, size: in
     return out
 
 
-def procedural(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A non-object image: "noise", "gradient", "checker" or "stripes"."""
-    c1, c2 = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    if kind == "noise":
-        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    if kind == "gradient":
-        t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) % 1.0
-    elif kind == "checker":
-        k = int(rng.integers(4, 16))
-        t = ((np.floor(xx * k) + np.floor(yy * k)) % 2).astype(np.float32)
-    else:
-        t = (np.sin((xx * rng.uniform(-1, 1) + yy) * rng.uniform(10, 60)) > 0).astype(np.float32)
-    return np.rint(c1 * (1 - t[..., None]) + c2 * t[..., None]).astype(np.uint8)
-
-
-PROCEDURAL = ("noise", "gradient", "checker", "stripes")
 
 
 def nomatch_set(seed: int = 0, n: int = 60, size: int = 224) -> list[Sample]:
@@ -324,7 +267,8 @@ def nomatch_set(seed: int = 0, n: int = 60, size: int = 224) -> list[Sample]:
     kinds = balanced(tuple(labels), n - n_proc, rng) + balanced(PROCEDURAL, n_proc, rng)
     texts = balanced(NOMATCH_INSTRUCTIONS, n, rng)
     pickers = {lab: _cycle(index[lab], np.random.default_rng([seed, 99, 1 + c]),
-                           lambda src: S.load_clip(src, size)) for c, lab in enumerate(labels)}
+                           lambda src: S.load_clip(src, size), f"nomatch images of {lab!r}")
+               for c, lab in enumerate(labels)}
     out = []
     for i, kind in enumerate(kinds):
         r = np.random.default_rng([seed, 99, 100 + i])
@@ -357,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t.task_id:<18} {t.domain:<18} train={len(t.train)} test={len(t.test)} "
               f"answers={' '.join(t.answers)}")
     if args.out:
+        from PIL import Image
+
         from .synthetic import contact_sheet
 
         Image.fromarray(contact_sheet(tasks + [Task("nomatch", nomatch_set(args.seed, 8), nomatch_set(
