@@ -96,6 +96,20 @@ def test_incomplete_or_foreign_folder_is_refused(converted, tmp_path):
         smollm2.convert_smollm2(partial)
 
 
+@needs_package
+def test_failed_write_leaves_no_folder_behind(converted, tmp_path, monkeypatch):
+    _, _, reference = converted
+
+    def disk_full(tmp, *args):
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(smollm2, "_write_folder", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        smollm2.convert_smollm2(tmp_path / "lm", source=reference)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging folder
+
+
 def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

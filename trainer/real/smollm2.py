@@ -141,57 +141,11 @@ def read_marker(out_dir: Path) -> dict | None:
     return meta
 
 
-def convert_smollm2(out_dir: str | Path, source: tuple | None = None) -> dict:
-    """Write the fp32 Hugging Face folder; return its provenance (+ "reused", "seconds", "peak_rss_mb").
-
-    `source`: the (model, tokenizer) of `load_gguf(find_gguf())` when the caller already holds them
-    (the checks compare against the same load); by default the GGUF is loaded here.
-    """
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    meta = read_marker(out)
-    if meta is not None:
-        return {**meta, "reused": True, "seconds": round(time.perf_counter() - t0, 3)}
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SmolLM2Error(
-            f"{out} exists but is not a complete SmolLM2 conversion (no valid {MARKER}); "
-            "delete it or choose another --out"
-        )
-    path = find_gguf()
-    facts = gguf_facts(path)
-    if facts["architecture"] != "llama":
-        raise SmolLM2Error(f"{path}: general.architecture is {facts['architecture']!r}, expected 'llama'")
-
+def _write_folder(tmp: Path, model, tok, path: Path, facts: dict) -> dict:
+    """Save model, tokenizer and provenance into `tmp` (the marker last); return the provenance."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.initialization import no_init_weights
 
-    src, tok = source if source is not None else load_gguf(path)
-    _check_special_tokens(src.config, tok, facts)
-    cfg = src.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg.pop("_name_or_path", None)
-    cfg.pop("_model_name_or_path", None)  # the GGUF's general.name, not a path
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    config = LlamaConfig.from_dict(cfg)
-    with no_init_weights():
-        model = LlamaForCausalLM(config)
-    state = src.state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise SmolLM2Error(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    if config.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        raise SmolLM2Error("lm_head is not tied to embed_tokens after loading, though the GGUF ties them")
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    del src, state
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    config = model.config
     with torch.no_grad():
         model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp), save_jinja_files=False)
@@ -224,10 +178,72 @@ def convert_smollm2(out_dir: str | Path, source: tuple | None = None) -> dict:
         "converter": "kaizen.trainer.real.smollm2 (transformers GGUF loader)",
     }
     (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    return meta
+
+
+def convert_smollm2(out_dir: str | Path, source: tuple | None = None) -> dict:
+    """Write the fp32 Hugging Face folder; return its provenance (+ "reused", "seconds", "peak_rss_mb").
+
+    `source`: the (model, tokenizer) of `load_gguf(find_gguf())` when the caller already holds them
+    (the checks compare against the same load); by default the GGUF is loaded here.
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    meta = read_marker(out)
+    if meta is not None:
+        return {**meta, "reused": True, "seconds": round(time.perf_counter() - t0, 3)}
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SmolLM2Error(
+            f"{out} exists but is not a complete SmolLM2 conversion (no valid {MARKER}); "
+            "delete it or choose another --out"
+        )
+    path = find_gguf()
+    facts = gguf_facts(path)
+    if facts["architecture"] != "llama":
+        raise SmolLM2Error(f"{path}: general.architecture is {facts['architecture']!r}, expected 'llama'")
+
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    src, tok = source if source is not None else load_gguf(path)
+    _check_special_tokens(src.config, tok, facts)
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg.pop("_model_name_or_path", None)  # the GGUF's general.name, not a path
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    config = LlamaConfig.from_dict(cfg)
+    with no_init_weights():
+        model = LlamaForCausalLM(config)
+    state = src.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise SmolLM2Error(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    if config.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise SmolLM2Error("lm_head is not tied to embed_tokens after loading, though the GGUF ties them")
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    del src, state
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _write_folder(tmp, model, tok, path, facts)
+        if out.exists() and read_marker(out) is None:
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except OSError:
+        done = read_marker(out)  # another process finished the same folder first: use it
+        if done is None:
+            raise
+        return {**done, "reused": True, "seconds": round(time.perf_counter() - t0, 3)}
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {**meta, "reused": False, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak, 1)}
 
