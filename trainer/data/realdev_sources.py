@@ -128,16 +128,26 @@ def find_sources() -> Sources:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or REPO / ".cache" / "realdev")
+    """KAIZEN_REALDEV_CACHE, else <repo>/.cache/realdev in a source checkout, else the user's
+    cache folder ($XDG_CACHE_HOME or ~/.cache)/kaizen/realdev for an installed package."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    if (REPO / "pyproject.toml").is_file():
+        return REPO / ".cache" / "realdev"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kaizen" / "realdev"
 
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:
     """np.save to a temporary file in the same folder, then rename (no torn cache files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise DataError(f"cannot write the realdev cache file {path} ({err}); make "
+                        f"{path.parent} writable or set {CACHE_ENV} to a writable folder") from err
 
 
 def _load_cached(path: Path) -> np.ndarray | None:
