@@ -59,6 +59,7 @@ def test_folder_is_a_complete_hf_checkpoint_with_provenance(converted):
 
 @needs_package
 def test_saved_weights_give_the_gguf_logits(checked):
+    assert checked["ok"] is True
     assert checked["logits_max_abs_diff"] <= 1e-5
     assert checked["tied"] is True
 
@@ -83,6 +84,15 @@ def test_second_conversion_reuses_the_folder(converted):
     assert again["reused"] is True and again["seconds"] < 5
     assert again["source"] == meta["source"]
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+@needs_package
+def test_cli_reports_the_folder_as_json(converted, capsys):
+    out, meta, _ = converted
+    assert smollm2.cli_main(["--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reused"] is True and report["source"]["sha256"] == meta["source"]["sha256"]
+    assert report["folder_bytes"] == sum(p.stat().st_size for p in out.iterdir() if p.name != "kaizen_lm.json")
 
 
 @needs_package

@@ -256,6 +256,7 @@ CHECK_SENTENCES = [
     "<|im_start|>user\nIs the cable red?<|im_end|>\n<|im_start|>assistant\n",
 ]
 QUESTION = "What is the capital of France?"
+LOGITS_TOL = 1e-5  # same fp32 weights on both sides: the difference is 0 in practice
 
 
 def _chat_ids(folder: Path, text: str) -> list[int]:
@@ -284,9 +285,10 @@ def check_smollm2(folder: str | Path, n_new: int = 24, reference: tuple | None =
     fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok_mismatch = [s for s in CHECK_SENTENCES
                     if fast.encode(s).ids != ref_tok(s, add_special_tokens=True).input_ids]
-    special = {name: (getattr(saved.config, f"{name}_token_id"), fast.id_to_token(getattr(saved.config,
-                                                                                          f"{name}_token_id")))
-               for name in ("bos", "eos", "pad")}
+    special = {}
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(saved.config, f"{name}_token_id")
+        special[name] = (token_id, fast.id_to_token(token_id))
     gen = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.tensor([fast.encode(CHECK_SENTENCES[0]).ids]),
                      torch.randint(0, saved.config.vocab_size, (1, 32), generator=gen)], dim=1)
@@ -298,13 +300,16 @@ def check_smollm2(folder: str | Path, n_new: int = 24, reference: tuple | None =
         out = saved.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=n_new, do_sample=False)
     answer = fast.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True).strip()
+    tied = saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()
+    want = {"bos": (1, BOS), "eos": (2, EOS), "pad": (2, EOS)}
     return {
+        "ok": diff <= LOGITS_TOL and not tok_mismatch and special == want and tied,
         "logits_max_abs_diff": diff,
         "logits_shape": [int(ids.shape[1]), int(saved.config.vocab_size)],
         "tokenizer_sentences": len(CHECK_SENTENCES),
         "tokenizer_mismatches": tok_mismatch,
         "special_tokens": special,
-        "tied": saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr(),
+        "tied": tied,
         "question": QUESTION,
         "answer": answer,
         "answer_has_paris": "paris" in answer.lower(),
@@ -356,13 +361,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     report = {k: meta[k] for k in ("reused", "seconds", "peak_rss_mb") if k in meta}
     report["folder_bytes"] = sum(v["bytes"] for v in meta["files"].values())
     report["source"] = meta["source"]
-    if args.check or args.bench:
-        if args.check:
-            report["check"] = check_smollm2(args.out, reference=source)
-            del source
-        if args.bench:
-            report["speed"] = [generation_speed(args.out, threads=n) for n in (1, 2)]
+    if args.check:
+        report["check"] = check_smollm2(args.out, reference=source)
+    del source
+    if args.bench:
+        report["speed"] = [generation_speed(args.out, threads=n) for n in (1, 2)]
     print(json.dumps(report, indent=2))
+    if args.check and not report["check"]["ok"]:
+        print(f"convert-lm: the check FAILED for {args.out} (see \"check\" above)", file=sys.stderr)
+        return 1
     return 0
 
 
