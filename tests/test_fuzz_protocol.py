@@ -1,0 +1,137 @@
+"""Property-based fuzzing of the wire protocol's decode (hypothesis, bounded and deterministic).
+
+Whatever bytes a peer sends, `decode` either returns a Message whose body is strict JSON and
+valid Unicode (so a server can store or echo it) or raises WireError with a code from the
+spec's table; never another exception (which would be an `internal` reply or a dead loop).
+derandomize=True: the same examples on every run, so CI is deterministic.
+"""
+
+import json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kaizen.runtime import protocol as P
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# JSON-ish values, including what strict JSON refuses once serialised by a careless peer:
+# huge ints, lone surrogates, deep nesting (via recursion), odd floats (serialised as 1e400).
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10 ** 30), max_value=10 ** 30),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+                    st.sampled_from(["\ud800", "ok\udfff", "é", "a" * 40]))
+json_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=20)
+
+
+def _check_outcome(frames, **kw):
+    try:
+        msg = P.decode(frames, **kw)
+    except P.WireError as err:
+        assert err.code in P.ERROR_CODES, err.code
+        assert err.msg_id is None or P.MSG_ID_RE.match(err.msg_id)
+        return None
+    text = json.dumps(msg.body, allow_nan=False)          # strict JSON...
+    text.encode("utf-8")                                    # ...and valid Unicode
+    assert P.MSG_ID_RE.match(msg.msg_id)
+    return msg
+
+
+def _header(msg_type, patch=None):
+    h = {"protocol_version": P.PROTOCOL_VERSION, "msg_type": msg_type, "msg_id": "0123456789abcdef" * 2,
+         "reply_to": None, "sent_at": 1700000000.25, "buffers": []}
+    h.update(patch or {})
+    return h
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_random_frames_only_ever_raise_wire_errors(frames):
+    _check_outcome(frames)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(P.MESSAGE_TYPES)), st.dictionaries(st.text(max_size=12), json_values, max_size=6),
+       st.dictionaries(st.sampled_from(["protocol_version", "msg_type", "msg_id", "reply_to", "sent_at",
+                                        "buffers"]), json_values, max_size=2))
+def test_arbitrary_json_bodies_and_header_fields(msg_type, body, header_patch):
+    header = _header(msg_type, header_patch)
+    frames = [json.dumps(header).encode(), json.dumps(body).encode()]
+    _check_outcome(frames)
+    _check_outcome(frames, allowed_types={"infer_request", "status_request"})
+
+
+@FUZZ
+@given(st.sampled_from(["[", "{\"a\":"]), st.integers(min_value=20, max_value=60_000))
+def test_deep_nesting_is_refused_cleanly(opener, depth):
+    deep = (opener * depth).encode()
+    for frames in ([deep, b"{}"], [json.dumps(_header("status_request")).encode(), deep]):
+        assert _check_outcome(frames) is None
+
+
+@FUZZ
+@given(st.sampled_from(["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1" + "0" * 400, '"\\ud800"',
+                        '"\\udfff x"', "123456789012345678901234567890"]))
+def test_strict_json_values_in_the_body(token):
+    body = ('{"name": "a.kpk", "task_id": "t", "version": 1, "state": "received", "reason": null, '
+            f'"x": {token}}}').encode()
+    msg = _check_outcome([json.dumps(_header("report")).encode(), body])
+    assert msg is None, token
+
+
+_GOOD = {
+    "fetch": ({"name": "t-1.kpk", "sha256": "00", "offset": 0, "credit": 1024}, {}),
+    "infer_request": ({"instruction": "q", "image_format": "encoded"}, {"image": b"\x89PNG...."}),
+    "chunk": ({"name": "t-1.kpk", "offset": 0, "sha256_chunk": "00", "total_size": 3, "last": True},
+              {"data": b"abc"}),
+    "hello": ({"station_id": "s1", "base_fingerprint": "fp", "runtime_version": "0.1",
+               "installed": [{"task_id": "t", "version": 1}]}, {}),
+}
+
+
+@FUZZ
+@given(st.sampled_from(sorted(_GOOD)), st.data())
+def test_mutated_valid_messages(msg_type, data):
+    body, buffers = _GOOD[msg_type]
+    frames = P.Message(msg_type, dict(body), dict(buffers)).encode()
+    header = json.loads(frames[0])
+    header.update(msg_id="0123456789abcdef" * 2, sent_at=1700000000.25)   # same length every run
+    frames[0] = json.dumps(header).encode()
+    i = data.draw(st.integers(min_value=0, max_value=len(frames) - 1))
+    frame = bytearray(frames[i])
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(min_value=0, max_value=max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[pos] ^= data.draw(st.integers(min_value=1, max_value=255))
+        elif op == "cut":
+            del frame[pos:]
+        else:
+            frame[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+    frames[i] = bytes(frame)
+    if data.draw(st.booleans()):
+        frames = frames + [data.draw(st.binary(max_size=16))]
+    msg = _check_outcome(frames, max_bytes=4096)
+    if msg is not None:   # whatever is accepted can be answered
+        P.error_reply(msg, "bad_input", "x").encode()
+
+
+@FUZZ
+@given(st.sampled_from(sorted(P.MESSAGE_TYPES)))
+def test_valid_messages_round_trip(msg_type):
+    bodies = {
+        "infer_request": {"instruction": "is it torn?", "image_format": "encoded"},
+        "infer_reply": {"status": "ok", "scores": [{"task_id": "t", "score": 0.5}]},
+        "status_request": {}, "status_reply": {"status": "ok", "station": {}, "endpoint": {}},
+        "rollback_request": {"task_id": "t"}, "rollback_reply": {"status": "ok", "task_id": "t", "version": 1},
+        "install_request": {"path": "/x/t-1.kpk"}, "install_reply": {"status": "ok", "task_id": "t", "version": 1},
+        "error": {"status": "error", "error": "bad_input", "detail": "d"},
+        "hello": _GOOD["hello"][0], "heartbeat": {"station_id": "s", "installed": [], "serving": True},
+        "desired_state": {"packs": []}, "fetch": _GOOD["fetch"][0], "chunk": _GOOD["chunk"][0],
+        "report": {"name": "t-1.kpk", "task_id": "t", "version": 1, "state": "received", "reason": None},
+        "ack": {"acked_msg_id": "ab" * 16}, "announce": {"packs": []},
+    }
+    buffers = _GOOD.get(msg_type, ({}, {}))[1]
+    msg = P.Message(msg_type, bodies[msg_type], dict(buffers))
+    out = P.decode(msg.encode())
+    assert (out.msg_type, out.body, out.buffers, out.msg_id) == (msg_type, msg.body, msg.buffers, msg.msg_id)
