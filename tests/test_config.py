@@ -96,6 +96,9 @@ def test_hub_stations_groups_and_targets(tmp_path):
     (lambda t: t.replace("tcp://127.0.0.1:7700", "127.0.0.1:7700"), "hub_endpoint"),
     (lambda t: t.replace('"line1/s01"', '"bad id!"'), "station_id"),
     (lambda t: t.replace('store_dir = "store"', "store_dir = 3"), "store_dir"),
+    (lambda t: t + 'admin_endpoint = "tcp://127.0.0.1:7800"\n', "admin_endpoint"),
+    (lambda t: t + 'admin_endpoint = "ipc://@kaizen-admin"\n', "admin_endpoint"),
+    (lambda t: t + 'inference_endpoint = "ipc://@kaizen"\n', "inference_endpoint"),
 ])
 def test_station_errors_name_file_and_field(tmp_path, edit, field):
     path = write(tmp_path, "station.toml", edit(STATION))
@@ -112,12 +115,39 @@ def test_station_errors_name_file_and_field(tmp_path, edit, field):
     (lambda t: t.replace('db_path = "hub.sqlite"\n', 'db_path = "hub.sqlite"\nchunk_size = 10\n'), "chunk_size"),
     (lambda t: t.replace("[[stations]]\nid = \"line2/s01\"", "[[stations]]\nname = \"x\"\nid = \"line2/s01\""),
      "stations[2].'name'"),
+    (lambda t: t.replace('"keys/s02.pub"', '"keys/s01.pub"'), "stations[1].public_key_file"),
+    (lambda t: t.replace('db_path = "hub.sqlite"\n', 'db_path = "hub.sqlite"\nmax_message_bytes = 100\n'),
+     "max_message_bytes"),
 ])
 def test_hub_errors_name_file_and_field(tmp_path, edit, field):
     path = write(tmp_path, "hub.toml", edit(HUB))
     with pytest.raises(ConfigError) as err:
         load_hub_config(path)
     assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_station_sockets_default_to_a_private_runtime_dir(tmp_path):
+    cfg = load_station_config(write(tmp_path, "station.toml", STATION))
+    run = (tmp_path / "conf" / "fleet" / "run").resolve()
+    assert cfg.runtime_dir == run and "/tmp/" not in cfg.inference_endpoint.replace(str(tmp_path), "")
+    assert cfg.inference_endpoint == f"ipc://{run}/station.ipc"
+    assert cfg.admin_endpoint == f"ipc://{run}/admin/admin.ipc"
+    cfg = load_station_config(write(tmp_path, "s2.toml", STATION + 'runtime_dir = "/run/kaizen"\n'))
+    assert cfg.inference_endpoint == "ipc:///run/kaizen/station.ipc"
+
+
+def test_hub_trusted_keys_dir_resolves_and_keys_must_differ(tmp_path):
+    cfg = load_hub_config(write(tmp_path, "hub.toml", 'trusted_keys_dir = "keys/trusted"\n' + HUB))
+    assert cfg.trusted_keys_dir == (tmp_path / "conf" / "keys" / "trusted").resolve()
+    assert cfg.max_message_bytes == 1 << 20
+    keys = tmp_path / "conf" / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    from kaizen.runtime.keys import generate_curve_keypair
+
+    generate_curve_keypair(keys, "s01")
+    (keys / "s02.pub").write_bytes((keys / "s01.pub").read_bytes())   # same key, another file
+    with pytest.raises(ConfigError, match="same key as station 'line1/s01'"):
+        load_hub_config(tmp_path / "conf" / "hub.toml")
 
 
 def test_missing_and_invalid_files(tmp_path):

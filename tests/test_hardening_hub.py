@@ -134,6 +134,13 @@ def test_total_size_over_the_hub_limit_is_refused(peer, fleet):
     reply = peer.ask(frames)
     assert reply is not None and reply.body["error"] == "too_large"
     assert peer.hello().msg_type == "desired_state"
+    # one frame over the limit is never buffered whole: the peer is disconnected, no reply
+    assert peer.ask([json.dumps(header()).encode(), b"{}", b"z" * (2 << 20)], timeout_ms=1000) is None
+    again = Peer(fleet, 0)
+    try:
+        assert again.hello().msg_type == "desired_state"
+    finally:
+        again.close()
 
 
 def test_deleted_and_truncated_pack_files_are_skipped_not_fatal(fleet, packs):
