@@ -14,7 +14,6 @@ base, runtime version and arrays are verified; any problem is a PackError "pack 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import RUNTIME_VERSION
+from . import RUNTIME_VERSION, jsonsafe
 from .errors import PackError
 from .keys import TrustedKeys, key_id
 from .manifest import PACK_SCHEMA_VERSION, Manifest, ManifestFieldError, parse_version
@@ -43,6 +41,7 @@ from .pack_arrays import (
     npy_bytes,
     npz_bytes,
 )
+from .pack_read import check_signature, read_signed_members
 from .tarsafe import DEFAULT_LIMITS, TarLimits, check_name, read_members, refuse, write_tar_atomic
 
 __all__ = [
@@ -171,8 +170,14 @@ def resign_pack(src: str | os.PathLike, dst: str | os.PathLike, signing_key: Ed2
 
 def read_pack(path: str | os.PathLike, trusted_keys: TrustedKeys, *, base_fingerprint: str | None = None,
               runtime_version: str | None = None, limits: TarLimits = DEFAULT_LIMITS) -> PackContents:
-    """Read and fully verify a .kpk; PackError "pack PATH refused: REASON" on any problem."""
-    members = read_members(path, limits)
+    """Read and fully verify a .kpk; PackError "pack PATH refused: REASON" on any problem.
+
+    Signature first (runtime/pack_read.py): manifest.json + manifest.sig are verified before any
+    other member is read, and every member is checked against its signed sha256 as it is read.
+    """
+    if not isinstance(trusted_keys, TrustedKeys):
+        raise TypeError("trusted_keys must be a TrustedKeys")
+    members = read_signed_members(path, trusted_keys, limits)
     return verify_members(path, members, trusted_keys, base_fingerprint=base_fingerprint,
                           runtime_version=runtime_version, limits=limits)
 
@@ -250,28 +255,19 @@ def _check_layout(source, members: dict[str, bytes], require_signature: bool = T
 
 
 def _check_signature(source, members: dict[str, bytes], trusted_keys: TrustedKeys) -> None:
-    data, signature = members[MANIFEST], members[SIGNATURE]
-    try:
-        kid = json.loads(data).get("signing_key_id")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        kid = None
-    if not isinstance(kid, str):
-        _parse_manifest(source, data)  # names the malformed field
-        raise refuse(source, "malformed manifest: field 'signing_key_id': missing")
-    public = trusted_keys.get(kid)
-    if public is None:
-        raise refuse(source, f"signed by unknown key {kid} (trusted: {', '.join(trusted_keys.ids) or 'none'}); "
-                             "add its .ed25519.pub to the trusted keys or re-sign the pack")
-    if len(signature) != SIGNATURE_BYTES:
-        raise refuse(source, f"bad signature ({SIGNATURE} is {len(signature)} bytes, expected {SIGNATURE_BYTES})")
-    try:
-        public.verify(signature, data)
-    except InvalidSignature:
-        raise refuse(source, f"bad signature: {MANIFEST} does not match {SIGNATURE} for key {kid} "
-                             "(altered after signing)") from None
+    """Verify the raw manifest bytes before parsing them (pack_read.check_signature), then check
+    that the manifest names the key that signed it."""
+    signer = check_signature(source, members[MANIFEST], members[SIGNATURE], trusted_keys)
+    claimed = _parse_manifest(source, members[MANIFEST]).signing_key_id
+    if claimed != signer:
+        raise refuse(source, f"bad signature: {MANIFEST} names key {claimed} but was signed by key {signer}")
 
 
 def _parse_manifest(source, data: bytes) -> Manifest:
+    try:
+        jsonsafe.loads(MANIFEST, data)  # bounded nesting first: json.loads recurses per level
+    except ValueError as err:
+        raise refuse(source, f"malformed manifest: {err}") from None
     try:
         return Manifest.from_json(data)
     except ManifestFieldError as err:

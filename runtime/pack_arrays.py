@@ -13,16 +13,19 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import jsonsafe
 from .manifest import Manifest
 
 LORA_NAME_RE = re.compile(r"^lora\.(\d+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.(A|B)$")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEY_NORM_TOLERANCE = 1e-3
+MAX_NPZ_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def load_npy(name: str, data: bytes) -> np.ndarray:
+    """Decode .npy bytes without pickle, after checking that the header's shape and dtype
+    account for exactly the bytes present (numpy would allocate the claimed size first)."""
+    _check_npy_size(name, data)
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -56,21 +62,50 @@ def load_npy(name: str, data: bytes) -> np.ndarray:
     return array
 
 
+def _check_npy_size(name: str, data: bytes) -> None:
+    buf = io.BytesIO(data)
+    try:
+        major, minor = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get((major, minor))
+        if read_header is None:
+            raise ValueError(f".npy format version {major}.{minor} is not supported")
+        shape, _, dtype = read_header(buf)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        raise ValueError(f"{name}: not a readable .npy array without pickle ({err})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{name}: not a readable .npy array without pickle (object dtype)")
+    want = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = len(data) - buf.tell()
+    if want != have:
+        raise ValueError(f"{name}: header says shape {list(shape)} of {dtype} ({want} bytes) "
+                         f"but {have} bytes follow it")
+
+
 def load_npz(name: str, data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     """Load an .npz after checking its uncompressed size (no zip bombs) and member names."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()
+            if len(infos) > MAX_NPZ_ENTRIES:
+                raise ValueError(f"{name}: {len(infos)} entries, cap {MAX_NPZ_ENTRIES}")
             total = sum(i.file_size for i in infos)
             if total > max_bytes:
                 raise ValueError(f"{name}: {total} bytes once unpacked, cap {max_bytes}")
             out: dict[str, np.ndarray] = {}
             for info in infos:
-                if not info.filename.endswith(".npy"):
-                    raise ValueError(f"{name}: unexpected entry {info.filename!r}")
-                out[info.filename[:-4]] = load_npy(f"{name}[{info.filename}]", zf.read(info))
+                entry = f"{name}[{info.filename}]"
+                if not info.filename.endswith(".npy") or info.filename[:-4] in out:
+                    raise ValueError(f"{name}: unexpected or duplicate entry {info.filename!r}")
+                if info.flag_bits & 0x1:
+                    raise ValueError(f"{entry}: encrypted zip entry (packs are never encrypted)")
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise ValueError(f"{entry}: zip compression method {info.compress_type} "
+                                     "(only stored or deflated entries are read)")
+                out[info.filename[:-4]] = load_npy(entry, zf.read(info))
             return out
-    except zipfile.BadZipFile as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
+            EOFError, OSError, zlib.error) as err:
         raise ValueError(f"{name}: not an .npz (zip) file ({err})") from None
 
 
@@ -185,7 +220,4 @@ def _parse_golden(members: dict[str, bytes]) -> list[GoldenSample]:
 
 
 def _json(name: str, data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{name}: not valid JSON ({err})") from None
+    return jsonsafe.loads(name, data)  # bounded nesting, strict JSON; ValueError naming `name`

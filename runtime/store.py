@@ -1,16 +1,22 @@
 """The station's pack store: install, roll back and serve task packs with one atomic switch.
 
-Install = read the .kpk safely, write its members into ROOT/staging/install-*/ (fsync'd), verify
-that folder (signature, hashes, base, runtime, arrays), check the version moves forward, run the
-caller's probe, rename the folder to ROOT/packs/<task>/<version>/, then replace active.json
-(tmp + fsync + os.replace + fsync dir: the one durable switch) and swap the in-memory snapshot
-(one reference assignment). A `kill -9` at any step leaves the old or the new active set; the
-next open removes the leftovers. Layout and rules: runtime/TASKPACK.md, "Pack store".
+Install = read the .kpk signature first (runtime/pack_read.py: manifest.json + manifest.sig are
+verified before any other member is read, every member is checked against its signed sha256) and
+verify it in memory (base, runtime, arrays), check the version moves forward; only then write
+its members into ROOT/staging/install-*/ (fsync'd), re-verify that folder, run the caller's probe,
+rename the folder to ROOT/packs/<task>/<version>/, replace active.json (tmp + fsync + os.replace
++ fsync dir: the one durable switch) and swap the in-memory snapshot (one reference assignment).
+A `kill -9` at any step leaves the old or the new active set; the next open removes leftovers.
+A pack whose signing key is no longer trusted is inactive (not served; `inactive()` says why)
+while the store still opens; `reload_keys()` applies a new trusted-key list without a restart.
+Layout and rules: runtime/TASKPACK.md, "Pack store".
 
     store = PackStore("/var/lib/kaizen", TrustedKeys.from_paths(["keys/"]), base_fingerprint=fp)
     store.install("pick-3.kpk", probe=station.probe)     # PackError if refused; old set stays
     packs = store.active()                               # immutable snapshot {task: LoadedPack}
     store.rollback("pick")
+    store.reload_keys(TrustedKeys.from_dir("keys/"))     # after a key was revoked or added
+    store.inactive()                                     # {task: why it is not served}
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -30,10 +36,12 @@ import numpy as np
 from . import RUNTIME_VERSION
 from .durable import fsync_dir, write_synced
 from .errors import PackError
+from .jsonsafe import loads as json_loads
 from .keys import TrustedKeys
 from .manifest import Manifest
-from .pack import MANIFEST, PackContents, read_pack_dir
+from .pack import MANIFEST, PackContents, read_pack_dir, verify_members
 from .pack_arrays import GoldenSample
+from .pack_read import MAX_MANIFEST_BYTES, read_signed_members
 from .store_disk import (
     StoreLock,
     Table,
@@ -45,7 +53,7 @@ from .store_disk import (
     version_dir,
     write_table,
 )
-from .tarsafe import DEFAULT_LIMITS, TarLimits, read_members
+from .tarsafe import DEFAULT_LIMITS, TarLimits
 
 Probe = Callable[[PackContents], None]
 
@@ -93,6 +101,18 @@ class InstallReport:
 class _State:
     table: Mapping[str, Mapping[str, int | None]]
     packs: Mapping[str, LoadedPack]
+    inactive: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # task -> why not served
+
+
+class InstallIOError(PackError):
+    """The disk failed during an install (ENOSPC, EDQUOT, EIO...): a retry may succeed.
+
+    `errno` is the OSError's errno; the active set is unchanged.
+    """
+
+    def __init__(self, message: str, errno: int | None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class PackStore:
@@ -115,11 +135,11 @@ class PackStore:
         try:
             table = read_table(self.root)
             self.recovered = recover(self.root, table)
-            packs = {task: self._load(task, entry["version"]) for task, entry in sorted(table.items())}
+            packs, inactive = self._load_all(table)
         except BaseException:
             self._file_lock.release()
             raise
-        self._state = _State(_freeze(table), MappingProxyType(packs))
+        self._state = _State(_freeze(table), MappingProxyType(packs), MappingProxyType(inactive))
 
     # ---- reading (no lock: one reference read gives a consistent snapshot) -------------------
 
@@ -128,9 +148,43 @@ class PackStore:
         return self._state.packs
 
     def list(self) -> list[dict]:
+        """The active (served) packs: task, version, previous, sha."""
         state = self._state
         return [{"task": task, "version": entry["version"], "previous": entry["previous"],
-                 "sha": state.packs[task].sha} for task, entry in sorted(state.table.items())]
+                 "sha": state.packs[task].sha} for task, entry in sorted(state.table.items())
+                if task in state.packs]
+
+    def inactive(self) -> Mapping[str, str]:
+        """{task: reason} of packs active.json names that are not served (their key was revoked)."""
+        return self._state.inactive
+
+    def reload_keys(self, trusted_keys: TrustedKeys) -> dict[str, list[str]]:
+        """Use a new trusted-key list now: packs signed by a key no longer in it stop being served,
+        inactive packs whose key is trusted again are re-verified and served. Returns what moved."""
+        if not isinstance(trusted_keys, TrustedKeys):
+            raise TypeError("trusted_keys must be a TrustedKeys")
+        with self._lock:
+            self.trusted_keys = trusted_keys
+            table = _thaw(self._state.table)
+            packs, inactive = dict(self._state.packs), dict(self._state.inactive)
+            moved: dict[str, list[str]] = {"deactivated": [], "reactivated": []}
+            for task in sorted(table):
+                if task in packs:
+                    reason = self._untrusted(packs[task].path)
+                    if reason is not None:
+                        del packs[task]
+                        inactive[task] = reason
+                        moved["deactivated"].append(task)
+                elif self._untrusted(version_dir(self.root, task, table[task]["version"])) is None:
+                    try:
+                        packs[task] = self._load(task, table[task]["version"])
+                    except PackError as err:
+                        inactive[task] = str(err)
+                        continue
+                    del inactive[task]
+                    moved["reactivated"].append(task)
+            self._state = _State(_freeze(table), MappingProxyType(packs), MappingProxyType(inactive))
+            return moved
 
     # ---- install / rollback ------------------------------------------------------------------
 
@@ -144,21 +198,32 @@ class PackStore:
         Same version with an identical manifest: no-op, status "unchanged". Same version with
         other contents, or an older version: refused.
         """
+        kpk = Path(kpk_path)
         with self._lock:
             fault("begin")
-            staging = Path(tempfile.mkdtemp(prefix="install-", dir=self.root / "staging"))
+            # Signature first, then every content check, all in memory: nothing is written for a
+            # pack that is not signed by a trusted key, intact, for this base and moving forward.
+            members = read_signed_members(kpk, self.trusted_keys, self.limits)
+            manifest = verify_members(kpk, members, self.trusted_keys, base_fingerprint=self.base_fingerprint,
+                                      runtime_version=self.runtime_version, limits=self.limits).manifest
+            current = self._state.table.get(manifest.task_id)
+            if current is not None and self._check_forward(kpk, manifest, current["version"], members[MANIFEST]):
+                return InstallReport(self._state.packs[manifest.task_id].manifest, "unchanged", current["previous"])
+            staging = None
             try:
+                staging = Path(tempfile.mkdtemp(prefix="install-", dir=self.root / "staging"))
                 fault("staging_created")
-                return self._install_staged(Path(kpk_path), staging, probe)
+                return self._install_staged(kpk, members, staging, probe)
             except OSError as err:
-                raise PackError(f"pack store {self.root}: cannot install {kpk_path} "
-                                f"({err.strerror or err}); the active set is unchanged") from err
+                raise InstallIOError(f"pack store {self.root}: cannot install {kpk} "
+                                     f"({err.strerror or err}); the active set is unchanged", err.errno) from err
             finally:
-                if staging.exists():
+                if staging is not None and staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
 
-    def _install_staged(self, kpk: Path, staging: Path, probe: Probe | None) -> InstallReport:
-        self._stage(read_members(kpk, self.limits), staging)
+    def _install_staged(self, kpk: Path, members: dict[str, bytes], staging: Path,
+                        probe: Probe | None) -> InstallReport:
+        self._stage(members, staging)
         fault("staged")
         contents = read_pack_dir(staging, self.trusted_keys, base_fingerprint=self.base_fingerprint,
                                  runtime_version=self.runtime_version, limits=self.limits, label=kpk)
@@ -166,10 +231,6 @@ class PackStore:
         manifest = contents.manifest
         task, version = manifest.task_id, manifest.version
         current = self._state.table.get(task)
-        if current is not None:
-            unchanged = self._check_forward(kpk, manifest, current["version"], staging)
-            if unchanged:
-                return InstallReport(self._state.packs[task].manifest, "unchanged", current["previous"])
         if probe is not None:
             probe(contents)
         fault("probed")
@@ -191,11 +252,14 @@ class PackStore:
         fault("pruned")
         return InstallReport(manifest, "installed", previous)
 
-    def _check_forward(self, kpk: Path, manifest: Manifest, active_version: int, staging: Path) -> bool:
+    def _check_forward(self, kpk: Path, manifest: Manifest, active_version: int, manifest_bytes: bytes) -> bool:
         """True if this exact pack is already active; PackError if the version does not move forward."""
         task, version = manifest.task_id, manifest.version
+        if version == active_version and task in self._state.inactive:
+            raise PackError(f"pack {kpk} refused: version {version} of task {task} is installed but inactive "
+                            f"({self._state.inactive[task]}); trust its key again or publish a newer version")
         if version == active_version:
-            if hashlib.sha256((staging / MANIFEST).read_bytes()).hexdigest() == self._state.packs[task].sha:
+            if hashlib.sha256(manifest_bytes).hexdigest() == self._state.packs[task].sha:
                 return True
             raise PackError(f"pack {kpk} refused: version {version} of task {task} is already active "
                             "with different contents (bump the version to publish a change)")
@@ -261,6 +325,32 @@ class PackStore:
         fsync_dir(final.parent)
         fsync_dir(staging.parent)
 
+    def _load_all(self, table: Table) -> tuple[dict[str, LoadedPack], dict[str, str]]:
+        """Load every pack active.json names; one whose key is not trusted is inactive, not an error."""
+        packs, inactive = {}, {}
+        for task, entry in sorted(table.items()):
+            reason = self._untrusted(version_dir(self.root, task, entry["version"]))
+            if reason is None:
+                packs[task] = self._load(task, entry["version"])
+            else:
+                inactive[task] = reason
+        return packs, inactive
+
+    def _untrusted(self, folder: Path) -> str | None:
+        """Why the pack in `folder` is not served if its signing key is not trusted; else None.
+
+        Anything else wrong with the folder is left to read_pack_dir (a damaged store stops the open).
+        """
+        try:
+            with open(folder / MANIFEST, "rb") as f:
+                kid = json_loads(MANIFEST, f.read(MAX_MANIFEST_BYTES + 1)).get("signing_key_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if isinstance(kid, str) and kid not in self.trusted_keys:
+            return (f"signed by key {kid}, which is no longer trusted (its .ed25519.pub is not in the "
+                    "trusted keys); not served until the key is trusted again or a newer version arrives")
+        return None
+
     def _load(self, task: str, version: int) -> LoadedPack:
         folder = version_dir(self.root, task, version)
         if not folder.is_dir():
@@ -276,7 +366,8 @@ class PackStore:
     def _swap(self, table: Table, task: str, loaded: LoadedPack) -> None:
         packs = dict(self._state.packs)
         packs[task] = loaded
-        self._state = _State(_freeze(table), MappingProxyType(packs))
+        inactive = {t: r for t, r in self._state.inactive.items() if t != task}
+        self._state = _State(_freeze(table), MappingProxyType(packs), MappingProxyType(inactive))
 
 
 def _freeze(table: Table) -> Mapping[str, Mapping[str, int | None]]:

@@ -6,16 +6,14 @@
     ROOT/.lock                  flock held while a PackStore is open
 
 store.py holds the logic; this module reads/writes those files and cleans up after a crash.
-Fault tests set KAIZEN_STORE_FAULT=<step> to SIGKILL the process at that step (see fault()).
+Fault tests install a hook with set_fault_hook() that SIGKILLs the process at a named step.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,18 +23,31 @@ from .errors import PackError
 from .manifest import TASK_ID_RE
 
 ACTIVE = "active.json"
-FAULT_ENV = "KAIZEN_STORE_FAULT"
 Table = dict[str, dict[str, Any]]  # task -> {"version": int, "previous": int | None}
 
 
+_fault_hook: Callable[[str], None] | None = None
+
+
+def set_fault_hook(hook: Callable[[str], None] | None) -> None:
+    """Install `hook(step)`, called at every named step of install and rollback (None = none).
+
+    Only fault-injection tests install one (tests/test_store_faults.py kills the process at a
+    chosen step); in production fault() does nothing.
+    """
+    global _fault_hook
+    _fault_hook = hook
+
+
 def fault(step: str) -> None:
-    """SIGKILL this process if KAIZEN_STORE_FAULT names `step` (fault-injection tests only)."""
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Call the installed fault hook, if any, with the name of the step just reached."""
+    if _fault_hook is not None:
+        _fault_hook(step)
 
 
-def fault_hook(step: str) -> Callable[[], None]:
-    return lambda: fault(step)
+def fault_hook(step: str) -> Callable[[], None] | None:
+    """A mid-write callback for `step`, or None when no fault hook is installed."""
+    return (lambda: fault(step)) if _fault_hook is not None else None
 
 
 class StoreLock:

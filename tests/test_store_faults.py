@@ -1,7 +1,7 @@
 """kill -9 during install and rollback: the reopened store holds exactly the old or the new set.
 
 Two ways to kill the child process that runs the store:
-- a step hook (KAIZEN_STORE_FAULT=<step>): the child SIGKILLs itself at that exact step, so
+- a step hook (store_disk.set_fault_hook, installed by the child): it SIGKILLs itself at that exact step, so
   every point of install and rollback is covered deterministically and the expected outcome
   (old before the active.json replace, new from it on) is asserted exactly;
 - random delays: the child installs v2..v6 in a row and the parent SIGKILLs it at a random time;
@@ -10,7 +10,6 @@ After every kill the store is reopened (recovery), every active pack must load a
 own version in every array, no leftovers may remain, and a further install must work.
 """
 
-import os
 import random
 import signal
 import subprocess
@@ -32,10 +31,13 @@ ROLLBACK_STEPS_OLD = ["rollback_mid_active_write", "rollback_active_tmp_written"
 ROLLBACK_STEPS_NEW = ["rollback_active_replaced", "rollback_pruned"]
 
 CHILD = f"""
-import sys
+import os, signal, sys
+from kaizen.runtime import store_disk
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.store import PackStore
-root, trust, action, *args = sys.argv[1:]
+root, trust, fault, action, *args = sys.argv[1:]
+if fault:  # the test-only hook: SIGKILL this process when the store reaches that step
+    store_disk.set_fault_hook(lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == fault else None)
 store = PackStore(root, TrustedKeys.from_paths([trust]), {FP!r})
 print("ready", flush=True)
 if action == "install":
@@ -69,11 +71,8 @@ def fresh_store(root, env, pick_versions):
 
 
 def spawn(root, env, action, args, fault=None):
-    child_env = {k: v for k, v in os.environ.items() if k != "KAIZEN_STORE_FAULT"}
-    if fault:
-        child_env["KAIZEN_STORE_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(env["pub"]), action, *map(str, args)],
-                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(env["pub"]), fault or "", action,
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def reopen_and_check(root, env):
