@@ -215,19 +215,27 @@ class Hub:
                 self._guarded("reload", self._reload_config, db, router, pub)
             if now >= next_revision_check:
                 next_revision_check = now + REVISION_POLL_S
-                current = db.revision()
-                if current != revision or self._rescan:
-                    revision, self._rescan = current, False
-                    self._guarded("rescan", self._refresh, db)
-                    self._guarded("push", self._push_desired, db, router, pub)
+                revision = self._guarded("revision check", self._check_revision, db, router, pub, revision)
 
-    def _guarded(self, what: str, func, *args) -> None:
-        """Housekeeping of the loop: a failure is logged and counted, the hub keeps serving."""
+    def _check_revision(self, db: HubDB, router: zmq.Socket, pub: zmq.Socket, revision: int) -> int:
+        """A publish (another process) bumped the DB revision, or a file went bad: rescan and push."""
+        current = db.revision()
+        if current != revision or self._rescan:
+            self._rescan = False
+            self._guarded("rescan", self._refresh, db)
+            self._guarded("push", self._push_desired, db, router, pub)
+        return current
+
+    def _guarded(self, what: str, func, *args):
+        """Housekeeping of the loop: a failure is logged and counted, the hub keeps serving.
+
+        Returns func's result, or its last argument when it failed (e.g. the old revision)."""
         try:
-            func(*args)
+            return func(*args)
         except Exception:  # noqa: BLE001 - the loop must outlive any one failure
             self.stats.internal += 1
             log.exception("hub: %s failed; still serving", what)
+            return args[-1] if args else None
 
     def _reload_config(self, db: HubDB, router: zmq.Socket, pub: zmq.Socket) -> None:
         try:
@@ -262,8 +270,11 @@ class Hub:
 
     def _handle(self, db: HubDB, router: zmq.Socket, frames: list) -> None:
         """Answer one message; any failure becomes a typed error reply or a counted drop."""
-        identity = frames[0].bytes
-        station_id = frames[1].get("User-Id") if len(frames) > 1 else None
+        try:
+            identity = frames[0].bytes
+            station_id = frames[1].get("User-Id") if len(frames) > 1 else None
+        except zmq.ZMQError:   # no ZAP user id property: never serve an unauthenticated peer
+            station_id = None
         if not station_id or station_id not in self._groups:
             # no ZAP user id cannot happen behind ZAP; an id gone from a reloaded allow-list can
             self.stats.dropped += 1
