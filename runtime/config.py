@@ -74,6 +74,8 @@ class StationConfig:
     credit: int = 4                       # chunks in flight per transfer
     providers: list = field(default_factory=list)  # ONNX Runtime EPs in order; [] = CUDA if present, else CPU
     threads: int = 0                      # ORT intra-op threads; 0 = ORT's choice
+    max_image_pixels: int = 25_000_000    # larger images are refused before decoding (bad_input)
+    max_instruction_tokens: int = 512     # longer instructions are refused (bad_input)
     source: str = "<station config>"      # the file it came from (for error messages)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,8 @@ class StationConfig:
                 or not -1.0 <= self.threshold <= 1.0:
             raise _fail(src, "threshold", f"{self.threshold!r} must be a number in [-1, 1]")
         _check_positive(src, "top_k", self.top_k, integer=True)
+        _check_positive(src, "max_image_pixels", self.max_image_pixels, integer=True)
+        _check_positive(src, "max_instruction_tokens", self.max_instruction_tokens, integer=True)
         _check_positive(src, "heartbeat_s", self.heartbeat_s)
         _check_positive(src, "hub_timeout_s", self.hub_timeout_s)
         if self.hub_timeout_s <= self.heartbeat_s:

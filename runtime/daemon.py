@@ -12,11 +12,18 @@ received -> verified -> activated, or rejected(reason). Reports wait in a disk o
 the connection reopened with backoff; with no hub at all the station keeps serving from its
 local store, and the inference endpoint runs in its own thread, so the fleet loop never
 blocks inference. Tests drive `StationDaemon` directly (`start()` / `stop()` / `disconnect()`).
+
+Isolation: an exception while handling one message or one pack never ends the loop. A pack that
+fails is reported rejected(reason) once and not fetched again; a full disk (ENOSPC/EDQUOT) is
+reported `rejected: disk full ...` and retried with backoff (the partial download is kept),
+while the station keeps serving from its store. Trusted keys are reloaded without a restart when
+the files in `link.trusted_keys_dir` change (or on reload_keys(), e.g. from SIGHUP).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
@@ -29,10 +36,18 @@ from pathlib import Path
 import zmq
 
 from . import RUNTIME_VERSION
-from .daemon_state import DaemonMemory, DaemonStats, FleetLink, base_fingerprint_of, installed_of
+from .daemon_state import (
+    DaemonMemory,
+    DaemonStats,
+    FleetLink,
+    base_fingerprint_of,
+    installed_of,
+    keys_folder_state,
+)
 from .durable import fsync_dir
 from .errors import KaizenError
 from .fetcher import Transfer
+from .keys import TrustedKeys
 from .outbox import Outbox
 from .protocol import Message, WireError, decode
 
@@ -42,6 +57,10 @@ STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce"}
 PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.kpk$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHA_FAILURES = 3
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0   # backoff of a pack whose download or install hit the disk
+MAX_IO_FAILURES = 5                       # other I/O errors: then the pack is rejected for good
+KEYS_CHECK_S = 1.0                        # how often the trusted keys folder is looked at
 
 
 class StationDaemon:
@@ -63,6 +82,11 @@ class StationDaemon:
         self.transfer: Transfer | None = None
         self._sha_failures: dict[str, int] = {}
         self._fetch_ids: dict[str, str] = {}   # fetch msg_id -> pack name
+        self._retry_at: dict[str, float] = {}   # sha256 -> monotonic time before which it is not fetched
+        self._io_failures: dict[str, int] = {}  # sha256 -> I/O failures in a row
+        self._reload_keys = threading.Event()
+        self._keys_seen: tuple | None = None    # (observed folder state, applied folder state)
+        self._next_keys_check = 0.0
         self._stop = threading.Event()
         self._disconnect = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +111,10 @@ class StationDaemon:
     def disconnect(self) -> None:
         """Close and reopen the DEALER at the loop's next turn (fault tests)."""
         self._disconnect.set()
+
+    def reload_keys(self) -> None:
+        """Reload the trusted keys at the loop's next turn (SIGHUP handler, tests)."""
+        self._reload_keys.set()
 
     def run(self, stop: threading.Event) -> None:
         self._ctx = zmq.Context()
@@ -144,31 +172,75 @@ class StationDaemon:
     # ------------------------------------------------------------ loop
 
     def _loop(self, stop: threading.Event) -> None:
-        backoff = 1
+        backoff = [1]
         while not stop.is_set():
-            poller = zmq.Poller()
-            poller.register(self._dealer, zmq.POLLIN)
-            if self._sub is not None:
-                poller.register(self._sub, zmq.POLLIN)
-            ready = dict(poller.poll(50))
-            if self._dealer in ready:
-                backoff = 1
-                self._drain(self._dealer)
-            if self._sub is not None and self._sub in ready:
-                self._drain(self._sub)
-            now = time.monotonic()
-            if self._disconnect.is_set():
-                self._disconnect.clear()
-                self._reopen()
-            elif now - self._last_rx > self.link.hub_timeout_s * backoff:
-                self.stats.hub_timeouts += 1
-                backoff = min(backoff * 2, 8)
-                self._reopen()
-            if now >= self._next_heartbeat:
-                self._heartbeat(now)
-            for msg_id, body in self.outbox.due(now, self.link.resend_s):
-                self._send(Message("report", body, msg_id=msg_id))
-            self._pump_transfer()
+            try:
+                self._turn(backoff)
+            except Exception:  # the last line: one bad turn is logged and counted, the loop goes on
+                self.stats.loop_errors += 1
+                log.exception("%s: error in the fleet loop (counted, loop continues)", self.link.station_id)
+                stop.wait(0.05)
+
+    def _turn(self, backoff: list[int]) -> None:
+        """One turn of the loop: poll and receive, timeouts, keys, heartbeat, resends, transfer."""
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        if self._sub is not None:
+            poller.register(self._sub, zmq.POLLIN)
+        ready = dict(poller.poll(50))
+        if self._dealer in ready:
+            backoff[0] = 1
+            self._drain(self._dealer)
+        if self._sub is not None and self._sub in ready:
+            self._drain(self._sub)
+        now = time.monotonic()
+        if self._disconnect.is_set():
+            self._disconnect.clear()
+            self._reopen()
+        elif now - self._last_rx > self.link.hub_timeout_s * backoff[0]:
+            self.stats.hub_timeouts += 1
+            backoff[0] = min(backoff[0] * 2, 8)
+            self._reopen()
+        self._check_keys(now)
+        if now >= self._next_heartbeat:
+            self._heartbeat(now)
+        for msg_id, body in self.outbox.due(now, self.link.resend_s):
+            self._send(Message("report", body, msg_id=msg_id))
+        t = self.transfer
+        if t is not None:
+            try:
+                self._pump_transfer()
+            except Exception as err:  # noqa: BLE001 - the pack fails, not the daemon
+                self._pack_failed(t.entry, err, t)
+
+    def _check_keys(self, now: float) -> None:
+        """Apply the trusted keys folder when its files changed (seen the same twice, so a key
+        being copied in is not read half-written) or when reload_keys() asked for it."""
+        folder = self.link.trusted_keys_dir
+        forced = self._reload_keys.is_set()
+        if folder is None or (now < self._next_keys_check and not forced):
+            return
+        self._next_keys_check = now + KEYS_CHECK_S
+        state = keys_folder_state(folder)
+        observed, applied = self._keys_seen or (state, state)
+        self._keys_seen = (state, applied)
+        if not forced and (state == applied or state != observed):
+            return
+        self._reload_keys.clear()
+        reload = getattr(self.installer, "reload_keys", None)
+        if not callable(reload):
+            return
+        try:
+            moved = reload(TrustedKeys.from_dir(folder))
+        except KaizenError as err:  # e.g. no key left or a bad .pub: keep the keys in use, say why
+            self._keys_seen = (state, state)  # said once; the next change of the folder tries again
+            log.error("%s: trusted keys in %s not reloaded, still using the previous ones: %s",
+                      self.link.station_id, folder, err)
+            return
+        self._keys_seen = (state, state)
+        self.stats.keys_reloads += 1
+        log.info("%s: trusted keys reloaded from %s: %s", self.link.station_id, folder, moved)
+        self._next_heartbeat = now  # tell the hub what is installed now
 
     def _heartbeat(self, now: float) -> None:
         self._next_heartbeat = now + self.link.heartbeat_s
@@ -192,9 +264,19 @@ class StationDaemon:
             try:
                 msg = decode(frames, allowed_types=STATION_TYPES)
             except WireError as err:
+                self.stats.dropped += 1
                 log.warning("%s: dropped a bad message from the hub: %s", self.link.station_id, err)
                 continue
-            self._on_message(msg)
+            t = self.transfer
+            try:
+                self._on_message(msg)
+            except Exception as err:  # noqa: BLE001 - one message never ends the loop
+                if msg.msg_type == "chunk" and t is not None and self.transfer is t:
+                    self._pack_failed(t.entry, err, t)
+                else:
+                    self.stats.dropped += 1
+                    log.warning("%s: dropped a %s message that failed: %s: %s", self.link.station_id,
+                                msg.msg_type, type(err).__name__, err)
 
     def _on_message(self, msg: Message) -> None:
         kind, body = msg.msg_type, msg.body
@@ -229,9 +311,10 @@ class StationDaemon:
     def _reconcile(self) -> None:
         have = {(i["task_id"], i["version"]) for i in self._installed()}
         todo = []
+        now = time.monotonic()
         for p in self.desired:
             sha, key = p["sha256"], (p["task_id"], p["version"])
-            if sha in self.memory.skip:
+            if sha in self.memory.skip or self._retry_at.get(sha, 0.0) > now:
                 continue
             if key in have:
                 if sha not in self.memory.activated:
@@ -248,8 +331,12 @@ class StationDaemon:
             self.transfer.close()  # not desired any more: keep its staging file for later
             self.transfer = None
         if self.transfer is None and todo:
-            self.transfer = Transfer(self.downloads, todo[0], window=self.link.credit * self.link.chunk_bytes,
-                                     timeout=self.link.chunk_timeout_s)
+            try:
+                self.transfer = Transfer(self.downloads, todo[0], window=self.link.credit * self.link.chunk_bytes,
+                                         timeout=self.link.chunk_timeout_s)
+            except Exception as err:  # noqa: BLE001 - e.g. no space for the staging file
+                self._pack_failed(todo[0], err, None)
+                return
             self.stats.resumed_from.append((self.transfer.name, self.transfer.offset))
 
     def _pump_transfer(self) -> None:
@@ -282,33 +369,76 @@ class StationDaemon:
                 self._report(entry, "verified", None)
             self.installer.install(path)
         except KaizenError as err:
-            self.stats.rejected[entry["name"]] = str(err)
-            self._report(entry, "rejected", str(err))
-            self.memory.mark_skip(entry["sha256"], str(err))
+            if isinstance(err.__cause__, OSError):  # the disk failed, not the pack: retry later
+                self._pack_failed(entry, err.__cause__, None)
+            else:
+                self._reject_for_good(entry, str(err))
+        except Exception as err:  # noqa: BLE001 - a bug or an unexpected input: refuse the pack once
+            self._pack_failed(entry, err, None)
         else:
+            self._io_failures.pop(entry["sha256"], None)
             if not callable(verify):
                 self._report(entry, "verified", None)
             self._report(entry, "activated", None)
             self.memory.mark_activated(entry["sha256"], entry["name"])
             self.stats.activated_at[entry["name"]] = time.time()
         if not self.keep_downloads:
-            path.unlink(missing_ok=True)
-            fsync_dir(self.downloads)
+            try:
+                path.unlink(missing_ok=True)
+                fsync_dir(self.downloads)
+            except OSError as err:  # the pack's outcome is already reported; only log this
+                log.warning("%s: cannot remove the download %s: %s", self.link.station_id, path, err)
         self._reconcile()
 
     def _reject(self, t: Transfer, entry: dict, reason: str) -> None:
         t.discard()
         self.transfer = None
+        self._reject_for_good(entry, reason)
+
+    def _reject_for_good(self, entry: dict, reason: str) -> None:
+        """Report rejected(reason) once and never fetch this pack (this sha256) again."""
         self.stats.rejected[entry["name"]] = reason
         self._report(entry, "rejected", reason)
         self.memory.mark_skip(entry["sha256"], reason)
 
+    def _pack_failed(self, entry: dict, err: BaseException, t: Transfer | None) -> None:
+        """One pack's download or install raised. A full disk or another I/O error: report it,
+        keep the partial download and retry with backoff; anything else: reject the pack for good."""
+        sha = entry["sha256"]
+        if t is not None:
+            t.close()  # the .part file and its offset stay: the retry resumes from there
+            if self.transfer is t:
+                self.transfer = None
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            n = self._io_failures[sha] = self._io_failures.get(sha, 0) + 1
+            what = "disk full" if err.errno in DISK_FULL else "disk error"
+            if what == "disk error" and n >= MAX_IO_FAILURES:
+                self._reject_for_good(entry, f"{what} ({err.strerror or err}) {n} times in a row")
+                return
+            delay = min(RETRY_FIRST_S * 2 ** (n - 1), RETRY_MAX_S)
+            self._retry_at[sha] = time.monotonic() + delay
+            self.stats.disk_errors += 1
+            reason = f"{what} ({err.strerror or err}); still serving from the store, retrying in {delay:.0f} s"
+            self.stats.rejected[entry["name"]] = reason
+            self._report(entry, "rejected", reason)
+            return
+        log.error("%s: pack %s failed: %s: %s", self.link.station_id, entry.get("name"),
+                  type(err).__name__, err, exc_info=err)
+        if t is not None:
+            t.discard()
+        self._reject_for_good(entry, f"internal error while handling the pack: {type(err).__name__}: {err}"[:500])
+
     def _report(self, entry: dict, state: str, reason: str | None) -> None:
         body = {"name": entry["name"], "task_id": entry["task_id"], "version": entry["version"],
                 "state": state, "reason": reason}
-        msg_id = self.outbox.add(body)
-        self._send(Message("report", body, msg_id=msg_id))
-        self.outbox.mark_sent(msg_id)
+        try:
+            msg_id = self.outbox.add(body)
+        except OSError as err:  # a full disk: send it once, unpersisted, rather than not at all
+            log.warning("%s: report not persisted (%s); sent once", self.link.station_id, err.strerror or err)
+            self._send(Message("report", body))
+        else:
+            self._send(Message("report", body, msg_id=msg_id))
+            self.outbox.mark_sent(msg_id)
         log.info("%s: %s %s%s", self.link.station_id, entry["name"], state, f" ({reason})" if reason else "")
 
 
@@ -337,13 +467,26 @@ def cli_serve(argv: list[str]) -> int:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reload = threading.Event()   # SIGHUP: reload the trusted keys now (file changes are also seen)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     try:
         if args.no_hub:
+            state = keys_folder_state(cfg.trusted_keys_dir)
             while not stop.wait(1.0):
-                pass
+                if reload.is_set() or keys_folder_state(cfg.trusted_keys_dir) != state:
+                    reload.clear()
+                    state = keys_folder_state(cfg.trusted_keys_dir)
+                    try:
+                        log.info("trusted keys reloaded: %s", station.reload_keys(TrustedKeys.from_dir(cfg.trusted_keys_dir)))
+                    except KaizenError as err:
+                        log.error("trusted keys not reloaded, still using the previous ones: %s", err)
         else:
             link = FleetLink.from_config(cfg, base_fingerprint_of(station))
-            StationDaemon(link, station, serving=lambda: True).run(stop)
+            daemon = StationDaemon(link, station, serving=lambda: True)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, lambda *_: daemon.reload_keys())
+            daemon.run(stop)
     except KeyboardInterrupt:
         pass
     finally:

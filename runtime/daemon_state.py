@@ -7,17 +7,23 @@
     base_fingerprint_of(store_or_station)    # -> the base it serves (for hello)
     station_from_config(cfg)                 # the Station `kaizen station serve` runs
     FleetLink.from_config(cfg, fingerprint)  # the daemon's link settings; DaemonStats: its counters
+    keys_folder_state(folder)                # what the trusted keys folder holds now (reload check)
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .durable import atomic_write_bytes
 from .keys import load_curve_keypair, load_curve_public
 from .protocol import CHUNK_SIZE
+
+log = logging.getLogger("kaizen.daemon")
+MAX_MEMORY_BYTES = 16 << 20
 
 
 class DaemonMemory:
@@ -30,9 +36,28 @@ class DaemonMemory:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.skip: dict[str, str] = dict(data.get("skip", {}))
-        self.activated: dict[str, str] = dict(data.get("activated", {}))
+        data = self._read()
+        self.skip: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("skip", {})).items()}
+        self.activated: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("activated", {})).items()}
+
+    def _read(self) -> dict:
+        """The saved memory; an unreadable file is moved aside (a fresh start re-fetches, never crashes)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read(MAX_MEMORY_BYTES + 1))
+            if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("skip", "activated")):
+                raise ValueError("not {skip: {...}, activated: {...}}")
+            return data
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as err:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            log.error("daemon memory %s is unreadable (%s): moved to %s, starting afresh", self.path, err, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass
+            return {}
 
     def mark_skip(self, sha256: str, reason: str) -> None:
         self.skip[sha256] = reason
@@ -43,8 +68,12 @@ class DaemonMemory:
         self._save()
 
     def _save(self) -> None:
-        atomic_write_bytes(self.path, json.dumps({"skip": self.skip, "activated": self.activated},
-                                                 indent=1, sort_keys=True).encode())
+        """Persist; on a full disk the memory stays in RAM and the next mark_* saves it again."""
+        try:
+            atomic_write_bytes(self.path, json.dumps({"skip": self.skip, "activated": self.activated},
+                                                     indent=1, sort_keys=True).encode())
+        except OSError as err:
+            log.warning("daemon memory %s not saved (%s); kept in memory", self.path, err.strerror or err)
 
 
 def installed_of(installer) -> list[dict]:
@@ -69,7 +98,8 @@ def station_from_config(cfg):
 
     trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
     return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
-                   top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads)
+                   top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads,
+                   max_image_pixels=cfg.max_image_pixels, max_instruction_tokens=cfg.max_instruction_tokens)
 
 
 @dataclass
@@ -90,6 +120,7 @@ class FleetLink:
     chunk_timeout_s: float = 3.0
     chunk_bytes: int = CHUNK_SIZE  # the hub's chunk size: credit x chunk_bytes = bytes in flight
     resend_s: float = 2.0
+    trusted_keys_dir: Path | None = None  # watched: keys added or removed apply without a restart
 
     @classmethod
     def from_config(cls, cfg, base_fingerprint: str) -> FleetLink:
@@ -98,7 +129,7 @@ class FleetLink:
                    hub_public_key=load_curve_public(cfg.hub_public_key_file), public_key=public,
                    secret_key=secret, state_dir=cfg.state_dir, base_fingerprint=base_fingerprint,
                    announce_endpoint=cfg.hub_announce_endpoint, heartbeat_s=cfg.heartbeat_s,
-                   hub_timeout_s=cfg.hub_timeout_s, credit=cfg.credit)
+                   hub_timeout_s=cfg.hub_timeout_s, credit=cfg.credit, trusted_keys_dir=cfg.trusted_keys_dir)
 
 
 @dataclass
@@ -110,3 +141,19 @@ class DaemonStats:
     resumed_from: list = field(default_factory=list)   # (name, offset) each time a transfer (re)starts
     activated_at: dict = field(default_factory=dict)   # name -> time.time() of activation
     rejected: dict = field(default_factory=dict)       # name -> reason
+    dropped: int = 0             # messages from the hub that were malformed or failed to handle
+    loop_errors: int = 0         # loop turns that raised (logged; the loop went on)
+    disk_errors: int = 0         # downloads/installs that hit a full disk or an I/O error (retried)
+    keys_reloads: int = 0        # trusted-key reloads applied
+
+
+def keys_folder_state(folder: Path) -> tuple:
+    """(name, size, mtime_ns) of every *.ed25519.pub in `folder`: changes when a key is added,
+    removed or replaced. An unreadable folder is () (no keys)."""
+    from .keys import SIGNING_PUB_SUFFIX
+
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                            if e.name.endswith(SIGNING_PUB_SUFFIX)))
+    except OSError:
+        return ()

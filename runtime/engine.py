@@ -18,7 +18,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import InputError, PackError
 from .preprocess import preprocess_batch
-from .prompting import answer_ids, clip_text_ids, prompt_ids
+from .prompting import MAX_INSTRUCTION_TOKENS, answer_ids, clip_text_ids, prompt_ids
 
 
 @dataclass
@@ -45,8 +45,9 @@ def normalise(v: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, *, max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS):
         self.bundle = bundle
+        self.max_instruction_tokens = max_instruction_tokens  # longer instructions: InputError
         self.spec = bundle.prompt_spec()
         self.tok = bundle.tokenizer()
         self.vision_pre = bundle.preprocess("vision")
@@ -142,7 +143,7 @@ class Engine:
         feats = self.image_features(images) if image_feats is None else image_feats
         rows = []
         for b, text in enumerate(instructions):
-            ids = prompt_ids(self.tok, self.spec, text)
+            ids = prompt_ids(self.tok, self.spec, text, self.max_instruction_tokens)
             emb = self.embed[ids].astype(np.float32)
             emb[ids == self.spec.image_token_id] = feats[b].astype(np.float32)
             if prompt is not None and len(prompt):

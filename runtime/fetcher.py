@@ -12,7 +12,9 @@ disconnect, a hub restart or a station restart resumes from there instead of fro
 
 A chunk whose sha256 does not match is dropped and that range is fetched again; duplicates and
 stale chunks are dropped; a silent hub (no chunk for `timeout` s) restarts the window from the
-persisted offset. Nothing here talks to a socket (runtime/daemon.py does).
+persisted offset. Nothing here talks to a socket (runtime/daemon.py does). A disk error (e.g.
+ENOSPC) raises OSError out of on_chunk/finalize with the persisted offset still valid: the daemon
+reports it and a later Transfer of the same pack resumes from that offset.
 """
 
 from __future__ import annotations
@@ -110,7 +112,10 @@ class Transfer:
             self.counts["corrupt"] += 1
             self._refetch.append((offset, len(data)))
             return "corrupt"
-        os.pwrite(self._fd, data, offset)
+        view, at = memoryview(data), offset
+        while view:  # a short write (nearly full disk) continues; ENOSPC/EDQUOT raise to the daemon
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
         self._ranges[offset] = len(data)
         self.counts["ok"] += 1
         self._advance()

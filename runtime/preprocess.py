@@ -3,6 +3,11 @@ trainer (torch side) and the station (ONNX side), so both see identical pixels.
 
     cfg = PreprocessConfig(size=64, mean=(0.5,)*3, std=(0.5,)*3)
     pixels = preprocess_image(open("part.png", "rb").read(), cfg)   # f32 [3, 64, 64]
+    img = load_rgb(png_bytes, max_pixels=25_000_000)                 # InputError above the cap
+
+Untrusted images are bounded before they are decoded: the header gives the size, and an image
+over `max_pixels` (default MAX_PIXELS, 25 MP; `max_image_pixels` in station.toml) or over
+MAX_SIDE a side is an InputError naming the limit; PIL's own decompression-bomb guard is one too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BI
 RESIZE_MODES = ("squash", "shortest_center_crop")
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_SIDE = 8192
+MAX_PIXELS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -52,27 +58,32 @@ class PreprocessConfig:
         return cls(**d)
 
 
-def load_rgb(image) -> Image.Image:
-    """Accept encoded bytes, a path-like, a PIL image or a uint8 array [H,W,3]; return RGB PIL."""
+def load_rgb(image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Accept encoded bytes, a path-like, a PIL image or a uint8 array [H,W,3]; return RGB PIL.
+
+    Images over `max_pixels` pixels (width x height) are refused before they are decoded."""
     if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels, "image")
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        return Image.fromarray(check_array(image), "RGB")
+        return Image.fromarray(check_array(image, max_pixels), "RGB")
     if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        if len(data) > MAX_IMAGE_BYTES:
-            raise InputError(f"image is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
-        return _decode(io.BytesIO(data), "image bytes")
+        if len(image) > MAX_IMAGE_BYTES:
+            raise InputError(f"image is {len(image)} bytes; the limit is {MAX_IMAGE_BYTES}")
+        return _decode(io.BytesIO(bytes(image)), "image bytes", max_pixels)
     if hasattr(image, "__fspath__") or isinstance(image, str):
         try:
             with open(image, "rb") as f:
-                return _decode(io.BytesIO(f.read()), str(image))
+                data = f.read(MAX_IMAGE_BYTES + 1)
         except OSError as err:
             raise InputError(f"cannot read image file {image}: {err.strerror or err}") from err
+        if len(data) > MAX_IMAGE_BYTES:
+            raise InputError(f"image file {image} is over {MAX_IMAGE_BYTES} bytes, the limit")
+        return _decode(io.BytesIO(data), str(image), max_pixels)
     raise InputError(f"image must be encoded bytes, a path, a PIL image or a uint8 array, got {type(image).__name__}")
 
 
-def check_array(arr: np.ndarray) -> np.ndarray:
+def check_array(arr: np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Validate a raw image array: uint8, [H, W, 3], sane size."""
     if arr.dtype != np.uint8:
         raise InputError(f"image array must be uint8, got {arr.dtype}")
@@ -80,18 +91,29 @@ def check_array(arr: np.ndarray) -> np.ndarray:
         raise InputError(f"image array must have shape [H, W, 3] (RGB), got {list(arr.shape)}")
     if not (1 <= arr.shape[0] <= MAX_SIDE and 1 <= arr.shape[1] <= MAX_SIDE):
         raise InputError(f"image side must be 1..{MAX_SIDE} pixels, got {arr.shape[:2]}")
+    _check_pixels((arr.shape[1], arr.shape[0]), max_pixels, "image array")
     return np.ascontiguousarray(arr)
 
 
-def _decode(buf: io.BytesIO, what: str) -> Image.Image:
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise InputError(f"{what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                         "(max_image_pixels): send a smaller image")
+
+
+def _decode(buf: io.BytesIO, what: str, max_pixels: int) -> Image.Image:
     try:
-        img = Image.open(buf)
+        img = Image.open(buf)  # reads the header only: the size is known before any pixel is decoded
         if max(img.size) > MAX_SIDE:
             raise InputError(f"{what}: {img.size} is larger than {MAX_SIDE} pixels a side")
+        _check_pixels(img.size, max_pixels, what)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{what} is not a readable image (PNG/JPEG/BMP...): {err}") from err
-    return img.convert("RGB")
+        return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{what} refused as a decompression bomb: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InputError(f"{what} is not a readable image (PNG/JPEG/BMP...): {err}") from None
 
 
 def resize(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:

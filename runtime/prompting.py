@@ -16,6 +16,8 @@ import numpy as np
 from .errors import InputError
 
 IMAGE_PLACEHOLDER = "<image>"
+MAX_INSTRUCTION_CHARS = 2000
+MAX_INSTRUCTION_TOKENS = 512  # the engine's default cap: memory grows with the prompt's length
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,29 @@ def check_instruction(instruction: object) -> str:
     text = instruction.strip()
     if not text:
         raise InputError("instruction is empty: send the question to ask about the image")
-    if len(text) > 2000:
-        raise InputError(f"instruction is {len(text)} characters long; the limit is 2000")
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise InputError(f"instruction is {len(text)} characters long; the limit is {MAX_INSTRUCTION_CHARS}")
     return text
 
 
-def prompt_ids(tokenizer, spec: PromptSpec, instruction: str) -> np.ndarray:
+def check_instruction_tokens(tokenizer, instruction: str, max_tokens: int) -> None:
+    """InputError if the instruction is over `max_tokens` tokens (2,000 emoji are ~8,000 tokens)."""
+    n = len(_encode(tokenizer, instruction))
+    if n > max_tokens:
+        raise InputError(f"instruction is {n} tokens long; the limit is {max_tokens} tokens "
+                         "(max_instruction_tokens): shorten the question")
+
+
+def prompt_ids(tokenizer, spec: PromptSpec, instruction: str, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of the request (BOS, text, image placeholders), without soft-prompt rows.
 
     `tokenizer` is a `tokenizers.Tokenizer` (or anything with `.encode(text, add_special_tokens=False).ids`).
+    With `max_tokens`, an instruction over that many tokens is an InputError (the engine sets it).
     """
-    text = spec.template.replace("{instruction}", check_instruction(instruction))
+    instruction = check_instruction(instruction)
+    if max_tokens is not None:
+        check_instruction_tokens(tokenizer, instruction, max_tokens)
+    text = spec.template.replace("{instruction}", instruction)
     before, after = text.split(IMAGE_PLACEHOLDER)
     ids = [spec.bos_token_id]
     ids += _encode(tokenizer, before)

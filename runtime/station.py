@@ -27,8 +27,8 @@ from .durable import atomic_write_bytes
 from .engine import Engine
 from .errors import InputError, PackError
 from .keys import TrustedKeys
-from .preprocess import load_rgb
-from .prompting import check_instruction
+from .preprocess import MAX_PIXELS, load_rgb
+from .prompting import MAX_INSTRUCTION_TOKENS, check_instruction, check_instruction_tokens
 from .selection import ALPHA, normalise, scores, top_k
 from .store import PackStore
 
@@ -72,9 +72,11 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
 class Station:
     def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
                  top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
-                 max_new_tokens: int = 16, probe_golden: bool = True):
+                 max_new_tokens: int = 16, probe_golden: bool = True, max_image_pixels: int = MAX_PIXELS,
+                 max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS):
         self.bundle = Bundle.open(bundle_dir, providers=providers, threads=threads)
-        self.engine = Engine(self.bundle)
+        self.engine = Engine(self.bundle, max_instruction_tokens=max_instruction_tokens)
+        self.max_image_pixels = max_image_pixels
         self.store = PackStore(store_root, trusted_keys, self.bundle.fingerprint, RUNTIME_VERSION)
         self.threshold, self.top_k, self.alpha = threshold, top_k, alpha
         self.max_new_tokens, self.probe_golden = max_new_tokens, probe_golden
@@ -102,6 +104,14 @@ class Station:
                 atomic_write_bytes(self._rolled_back_file, json.dumps(self._rolled_back, indent=1).encode())
             self._snap = self._snapshot()
         return manifest
+
+    def reload_keys(self, trusted_keys: TrustedKeys) -> dict[str, list[str]]:
+        """Apply a new trusted-key list now: packs signed by a removed key stop being served
+        (status() says why), packs whose key is trusted again come back. Returns what moved."""
+        with self._lock:
+            moved = self.store.reload_keys(trusted_keys)
+            self._snap = _snapshot(self.store.active())
+        return moved
 
     def _read_rolled_back(self) -> dict[str, list[int]]:
         try:
@@ -183,7 +193,9 @@ class Station:
         if not (len(instructions) == n == len(tasks)) or n == 0:
             raise InputError(f"need as many instructions and tasks as images (got {n}, {len(instructions)}, {len(tasks)})")
         instructions = [check_instruction(t) for t in instructions]
-        rgb = [load_rgb(im) for im in images]
+        for t in instructions:  # bounded before any model runs: tokens, then pixels (before decoding)
+            check_instruction_tokens(self.engine.tok, t, self.engine.max_instruction_tokens)
+        rgb = [load_rgb(im, self.max_image_pixels) for im in images]
         if not snap.packs:
             return [self._no_match({}, "no task packs are installed") for _ in range(n)]
         t1 = time.perf_counter()
@@ -237,7 +249,9 @@ class Station:
 
     def status(self) -> dict:
         return {"runtime_version": RUNTIME_VERSION, "base_fingerprint": self.bundle.fingerprint,
-                "providers": self.bundle.providers, "packs": self.store.list(), "threshold": self.threshold,
+                "providers": self.bundle.providers, "packs": self.store.list(),
+                "inactive_packs": [{"task": t, "reason": r} for t, r in sorted(self.store.inactive().items())],
+                "threshold": self.threshold,
                 "top_k": self.top_k, "uptime_s": round(time.time() - self.started_at, 1)}
 
     def close(self) -> None:

@@ -123,3 +123,48 @@ def test_lora_of_wrong_shape_is_refused(engine):
     name = next(iter(engine.lora_shapes))
     with pytest.raises(PackError, match=name.replace(".", r"\.")):
         engine.lora_feeds({name: np.zeros((3, 3), np.float32)})
+
+
+# ---- issue 11, findings 5 and 6: instruction tokens and image pixels are bounded -------------
+
+def test_instruction_is_capped_in_tokens_not_characters(engine):
+    """Old: the cap was 2,000 characters; 2,000 emoji are ~8,000 tokens (a station went 0.7 -> 8.6 GB)."""
+    emoji = "\U0001F600" * 1900
+    n = len(engine.tok.encode(emoji, add_special_tokens=False).ids)
+    assert n > engine.max_instruction_tokens  # short in characters, long in tokens
+    with pytest.raises(InputError, match=rf"instruction is {n} tokens long; the limit is 512 tokens"):
+        engine.generate(fixed_images(64, n=1), [emoji])
+    assert engine.generate(fixed_images(64, n=1), ["Is it damaged?"])[0].token_ids  # normal ones still answer
+
+
+def png_header_only(width, height):
+    """A PNG whose header claims width x height (decoding it would allocate width*height*3 bytes)."""
+    import struct
+    import zlib
+
+    from kaizen.runtime.testpacks import tiny_png
+
+    data = bytearray(tiny_png(0, 4))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_large_images_are_refused_before_decoding(monkeypatch):
+    """Old: an 8192x8192 image was decoded (+290 MB kept); PIL's bomb guard answered `internal`."""
+    import resource
+
+    from PIL import Image
+
+    from kaizen.runtime.preprocess import load_rgb
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=r"8000x8000 = 64000000 pixels; the limit is 25000000"):
+        load_rgb(png_header_only(8000, 8000))
+    with pytest.raises(InputError, match=r"the limit is 1000000"):
+        load_rgb(np.zeros((2000, 600, 3), np.uint8), max_pixels=1_000_000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing decoded
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own guard: 2x this raises
+    with pytest.raises(InputError, match="decompression bomb"):
+        load_rgb(png_header_only(100, 100), max_pixels=10**9)
