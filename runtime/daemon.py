@@ -50,6 +50,7 @@ from .fetcher import Transfer
 from .keys import TrustedKeys
 from .outbox import Outbox
 from .protocol import Message, WireError, decode
+from .store import InstallIOError
 
 log = logging.getLogger("kaizen.daemon")
 
@@ -85,7 +86,8 @@ class StationDaemon:
         self._retry_at: dict[str, float] = {}   # sha256 -> monotonic time before which it is not fetched
         self._io_failures: dict[str, int] = {}  # sha256 -> I/O failures in a row
         self._reload_keys = threading.Event()
-        self._keys_seen: tuple | None = None    # (observed folder state, applied folder state)
+        folder = link.trusted_keys_dir            # (observed, applied) state of the trusted keys folder
+        self._keys_seen = None if folder is None else (keys_folder_state(folder),) * 2
         self._next_keys_check = 0.0
         self._stop = threading.Event()
         self._disconnect = threading.Event()
@@ -222,7 +224,7 @@ class StationDaemon:
             return
         self._next_keys_check = now + KEYS_CHECK_S
         state = keys_folder_state(folder)
-        observed, applied = self._keys_seen or (state, state)
+        observed, applied = self._keys_seen
         self._keys_seen = (state, applied)
         if not forced and (state == applied or state != observed):
             return
@@ -361,21 +363,29 @@ class StationDaemon:
                 self._reject(t, entry, f"whole-file sha256 mismatch after {fails} downloads")
             return
         self.transfer = None
+        self.install_download(entry, path)
+        self._reconcile()
+
+    def install_download(self, entry: dict, path: Path) -> str:
+        """Install a whole, hash-checked download and report it; returns the state reported
+        ("activated", or "rejected" with the reason in stats.rejected). Never raises for a bad pack."""
         self._report(entry, "received", None)
         verify = getattr(self.installer, "verify", None)
+        state = "rejected"
         try:
             if callable(verify):
                 verify(path)
                 self._report(entry, "verified", None)
             self.installer.install(path)
+        except InstallIOError as err:  # the disk failed, not the pack: retry later
+            self._pack_failed(entry, err.__cause__ if isinstance(err.__cause__, OSError)
+                              else OSError(err.errno, str(err)), None)
         except KaizenError as err:
-            if isinstance(err.__cause__, OSError):  # the disk failed, not the pack: retry later
-                self._pack_failed(entry, err.__cause__, None)
-            else:
-                self._reject_for_good(entry, str(err))
+            self._reject_for_good(entry, str(err))
         except Exception as err:  # noqa: BLE001 - a bug or an unexpected input: refuse the pack once
             self._pack_failed(entry, err, None)
         else:
+            state = "activated"
             self._io_failures.pop(entry["sha256"], None)
             if not callable(verify):
                 self._report(entry, "verified", None)
@@ -388,7 +398,7 @@ class StationDaemon:
                 fsync_dir(self.downloads)
             except OSError as err:  # the pack's outcome is already reported; only log this
                 log.warning("%s: cannot remove the download %s: %s", self.link.station_id, path, err)
-        self._reconcile()
+        return state
 
     def _reject(self, t: Transfer, entry: dict, reason: str) -> None:
         t.discard()
