@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaizen.runtime.bundle import BUNDLE_FILES, BUNDLE_SCHEMA_VERSION
+from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, bundle_files
 from kaizen.runtime.durable import sha256_file
 
-from .loading import Base, Clip, base_fingerprint, load_base, load_clip
+from .loading import Base, Clip, TextQuery, base_fingerprint, load_base, load_query
 from .onnx_io import add_zero_defaults, export_graph
 from .wrappers import (
     DEFAULT_TARGETS,
@@ -46,12 +46,13 @@ def _as(model, dtype):
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
-def export_vision(base: Base, out: Path, dtype=torch.float32) -> None:
+def export_vision(base: Base, out: Path, dtype=torch.float32, with_query: bool = False) -> None:
+    """vision.onnx; `with_query` adds the pooled output `image_query` (unaligned query encoders)."""
     batch, _, _ = _dims()
     size = base.preprocess.size
-    export_graph(VisionWrapper(_as(base.model, dtype)), (torch.randn(2, 3, size, size, dtype=dtype),),
-                 out / "vision.onnx",
-                 ["pixel_values"], ["image_features"], {"pixel_values": {0: batch}})
+    names = ["image_features", "image_query"] if with_query else ["image_features"]
+    export_graph(VisionWrapper(_as(base.model, dtype), with_query), (torch.randn(2, 3, size, size, dtype=dtype),),
+                 out / "vision.onnx", ["pixel_values"], names, {"pixel_values": {0: batch}})
 
 
 def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float32) -> dict:
@@ -92,13 +93,34 @@ def export_clip(clip: Clip, out: Path) -> None:
                  {"input_ids": {0: batch}, "attention_mask": {0: batch}})
 
 
-def write_meta(base: Base, clip: Clip, out: Path, rank: int, targets, shapes: dict, precision: str) -> dict:
+def export_text_query(query: TextQuery, out: Path) -> None:
+    """The sentence encoder (unaligned text query): text_query.onnx + text_tokenizer.json, always fp32."""
+    from .text_encoder import export_text_encoder
+
+    export_text_encoder(query.model, out / "text_query.onnx")
+    (out / "text_tokenizer.json").write_bytes(query.tokenizer_bytes())
+
+
+def _query_meta(base: Base, clip) -> dict:
+    if clip.aligned:
+        return {"query": {"kind": "clip"},
+                "clip": {"dim": clip.model.config.projection_dim, "max_len": clip.max_len,
+                         "bos_token_id": clip.model.config.text_config.bos_token_id,
+                         "eos_token_id": clip.model.config.text_config.eos_token_id,
+                         "pad_token_id": clip.model.config.text_config.pad_token_id or 0}}
+    return {"query": {"kind": "vision+text", "image_dim": int(base.model.config.vision_config.hidden_size),
+                      "text_dim": int(clip.dim), "text_max_len": int(clip.max_len)}}
+
+
+def write_meta(base: Base, clip, out: Path, rank: int, targets, shapes: dict, precision: str) -> dict:
     text = base.model.config.text_config
     np.save(out / "embed.npy", base.model.get_input_embeddings().weight.detach().numpy().astype(np.float32))
     shutil.copy(base.path / "tokenizer.json", out / "tokenizer.json")
-    (out / "clip_tokenizer.json").write_bytes(clip.tokenizer_bytes())
-    (out / "preprocess.json").write_text(json.dumps(
-        {"vision": base.preprocess.to_dict(), "clip": clip.preprocess.to_dict()}, indent=2))
+    pre = {"vision": base.preprocess.to_dict()}
+    if clip.aligned:
+        (out / "clip_tokenizer.json").write_bytes(clip.tokenizer_bytes())
+        pre["clip"] = clip.preprocess.to_dict()
+    (out / "preprocess.json").write_text(json.dumps(pre, indent=2))
     meta = {
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "fingerprint": base_fingerprint(base, clip),
@@ -108,14 +130,11 @@ def write_meta(base: Base, clip: Clip, out: Path, rank: int, targets, shapes: di
         "text": {"hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
                  "num_kv_heads": text.num_key_value_heads, "vocab_size": text.vocab_size,
                  "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads},
-        "clip": {"dim": clip.model.config.projection_dim, "max_len": clip.max_len,
-                 "bos_token_id": clip.model.config.text_config.bos_token_id,
-                 "eos_token_id": clip.model.config.text_config.eos_token_id,
-                 "pad_token_id": clip.model.config.text_config.pad_token_id or 0},
+        **_query_meta(base, clip),
         "lora": {"rank": rank, "targets": list(targets), "shapes": shapes},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    meta["files"] = {name: sha256_file(out / name) for name in BUNDLE_FILES}
+    meta["files"] = {name: sha256_file(out / name) for name in bundle_files(meta["query"]["kind"])}
     (out / "base.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -127,14 +146,17 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     base = load_base(base_dir)
-    clip = load_clip(clip_dir or Path(base_dir) / "clip")
+    clip = load_query(base, clip_dir)  # a CLIP, or the base's unaligned text encoder
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dtype = torch.float16 if precision == "fp16" else torch.float32  # fp16: weights and activations
-    export_vision(base, out, dtype)
+    export_vision(base, out, dtype, with_query=not clip.aligned)
     shapes = export_decoder(base, out, rank, targets, dtype)
-    export_clip(clip, out)
+    if clip.aligned:
+        export_clip(clip, out)
+    else:
+        export_text_query(clip, out)
     if precision == "int8":
         from .quantize import convert_precision
 

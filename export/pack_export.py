@@ -3,9 +3,10 @@
     kaizen export pack RUN TASK --bundle BUNDLE --key keys/signer.ed25519.key --out TASK-1.kpk [--version 1]
 
 Reads what the trainer left in RUN/tasks/<i>_<TASK>/: pack.safetensors (prompt, key, lora.*) and
-pack_meta.json (instructions, answer set, golden samples, metrics, base fingerprint). The CLIP text
-embeddings of the instructions are computed with the bundle's own clip_text.onnx, so they are
-exactly what the station's text tower would give. The run's base must be the bundle's base.
+pack_meta.json (instructions, answer set, golden samples, metrics, base fingerprint). The text
+queries of the instructions are computed with the bundle's own text tower (clip_text.onnx or
+text_query.onnx), so they are exactly what the station would compute. Bundles with unaligned
+query encoders get schema 2 packs (one key per modality). The run's base must be the bundle's base.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int = 1,
               for g in meta.get("golden", [])]
     rank = max((v.shape[0] for k, v in lora.items() if k.endswith(".A")), default=0)
     key = arrays["key"].astype(np.float32)
+    dims = None if engine.aligned else list(engine.query_dims)  # schema 2: one key per modality
+    halves = [key] if dims is None else [key[: dims[0]], key[dims[0]:]]
+    key = np.concatenate([h / np.linalg.norm(h) for h in halves])
     return build_pack(out, task_id=meta["task_id"], version=version, method=meta["method"],
                       base_fingerprint=bundle.fingerprint, prompt=arrays["prompt"].astype(np.float32),
-                      key=key / np.linalg.norm(key), text_emb=engine.clip_text(meta["instructions"]),
+                      key=key, text_emb=engine.text_query(meta["instructions"]), query_dims=dims,
                       lora=lora, instructions=meta["instructions"], answers=meta.get("answers"), golden=golden,
                       metrics=meta.get("metrics", {}), prompt_tokens=int(arrays["prompt"].shape[0]),
                       lora_rank=int(rank), signing_key=signing_key)

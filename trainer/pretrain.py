@@ -29,12 +29,14 @@ from .bases import load_base, load_clip
 from .progress import progress
 
 
-def vlm_batch(base, samples, device="cpu"):
-    """Right-padded (inputs_embeds, attention_mask, labels) with image rows from the vision tower."""
+def vlm_batch(base, samples, device="cpu", feats=None):
+    """Right-padded (inputs_embeds, attention_mask, labels) with image rows from the vision tower
+    (or `feats` [B, N, d_model], image rows computed elsewhere, e.g. from cached tower outputs)."""
     model = base.model
-    px = torch.from_numpy(preprocess_batch([s.load_image() for s in samples], base.preprocess)).to(device)
-    feats = model.model.get_image_features(pixel_values=px).pooler_output
-    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    if feats is None:
+        px = torch.from_numpy(preprocess_batch([s.load_image() for s in samples], base.preprocess)).to(device)
+        feats = model.model.get_image_features(pixel_values=px).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     table = model.get_input_embeddings()
     seqs, labels = [], []
     for s in samples:
@@ -148,6 +150,11 @@ def pretrain(base_dir, steps: int = 600, clip_steps: int = 600, batch: int = 32,
     torch.manual_seed(seed)
     torch.set_num_threads(2)
     base_dir = Path(base_dir)
+    info = json.loads((base_dir / "kaizen_base.json").read_text())
+    if (info.get("query") or {}).get("kind") == "vision+text":  # an assembled real base: LLaVA stage 1
+        from .align import align
+
+        return align(base_dir, steps=steps, batch=batch, seed=seed, log=log)
     base, clip = load_base(base_dir), load_clip(base_dir / "clip")
     n = min(4000, max(256, steps * batch))  # rendering costs ~6 ms an image: no more than the steps use
     train = generic_instruction_samples(seed=seed, n=n)
@@ -197,6 +204,9 @@ def _plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, title in ((axes[0], "vlm_loss", "base (VLM) answer CE"), (axes[1], "clip_loss", "CLIP InfoNCE")):
         y = np.asarray(report[key])
+        if not len(y):  # e.g. no CLIP stage for a base with unaligned query encoders
+            ax.set_visible(False)
+            continue
         ax.plot(y, alpha=0.3, color="C0")
         k = max(1, len(y) // 30)
         ax.plot(np.convolve(y, np.ones(k) / k, mode="valid"), color="C0")

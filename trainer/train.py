@@ -281,7 +281,7 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     d = TrainConfig(base="-", out="-")
     ap.add_argument("--base", required=True, help="base folder (kaizen base init / pretrain, or a LLaVA checkpoint)")
     ap.add_argument("--clip", default="", help="CLIP folder (default: BASE/clip)")
-    ap.add_argument("--stream", default=d.stream, help="built-in stream name (inspection|builtin) or a stream TOML")
+    ap.add_argument("--stream", default=d.stream, help="built-in stream name (inspection|realdev) or a stream TOML")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.lr)
