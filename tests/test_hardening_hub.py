@@ -302,3 +302,25 @@ def test_hub_cli_publish_verifies_with_trusted_keys_dir(fleet, signing_key, tmp_
         hub_cli.cli_publish([str(rogue), "--to", "*", "--config", str(path)])
     good = make_test_packs(tmp_path / "good", signing_key, [("label", 2)], base_fingerprint=FP, layers=2)[0]
     assert hub_cli.cli_publish([str(good), "--to", "*", "--config", str(path)]) == 0
+
+
+def test_revoking_a_signer_on_the_hub_stops_serving_its_packs_after_reload(fleet, packs, signing_key, tmp_path):
+    """Finding 10: trusted keys only changed with a restart."""
+    trusted = tmp_path / "trusted"
+    save_signing_key(signing_key, trusted, "trainer")
+    path = write_hub_toml(fleet, tmp_path / "hub.toml")
+    path.write_text(f'trusted_keys_dir = "{trusted}"\n' + path.read_text())
+    fleet.publish(packs[0], "*")
+    hub = Hub(load_hub_config(path))
+    hub.start()
+    peer = Peer(fleet, 0)
+    try:
+        assert [p["name"] for p in peer.hello().body["packs"]] == ["pick-1.kpk"]
+        (trusted / "trainer.ed25519.pub").unlink()
+        save_signing_key(generate_signing_key(), trusted, "other")
+        hub.request_reload()
+        assert wait_until(lambda: hub.stats.reloads >= 1, 5)
+        assert "pick-1.kpk" in hub.unservable and peer.hello().body["packs"] == []
+    finally:
+        peer.close()
+        hub.stop()
