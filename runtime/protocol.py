@@ -27,13 +27,12 @@ import numpy as np
 import zmq
 
 from .errors import ProtocolError
+from .wire_json import MAX_INT, MAX_JSON_DEPTH, clean_detail, json_problem, strict_loads
 
 PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # total of all frames of one message
 CHUNK_SIZE = 256 * 1024  # pack bytes per `chunk` message
 MAX_HEADER_BYTES = 64 * 1024  # header frame alone (buffer descriptors included)
-MAX_JSON_DEPTH = 32  # nesting of objects/lists in a header or body
-MAX_INT = 2 ** 63 - 1  # every integer in a body fits a signed 64-bit int (JSON peers, SQLite)
 MAX_DIMS = 8  # dimensions of an array buffer
 MSG_ID_RE = re.compile(r"^[0-9a-f]{32}$")  # uuid4 hex
 
@@ -242,21 +241,10 @@ def _peek_msg_id(frame) -> str | None:
     return msg_id if isinstance(msg_id, str) and MSG_ID_RE.match(msg_id) else None
 
 
-def _strict_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range (strict JSON: finite numbers only)")
-    return value
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not strict JSON")
-
-
 def _loads(frame, what: str, msg_id: str | None = None, *, header: bool = False) -> dict:
     """Parse one JSON frame strictly: no NaN/Infinity, bounded depth and ints, valid Unicode."""
     try:
-        obj = json.loads(bytes(frame), parse_float=_strict_float, parse_constant=_no_constant)
+        obj = strict_loads(bytes(frame))
     except RecursionError:
         raise WireError("bad_frames", f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} "
                         "levels)", msg_id) from None
@@ -266,41 +254,13 @@ def _loads(frame, what: str, msg_id: str | None = None, *, header: bool = False)
     if not isinstance(obj, dict):
         raise WireError("bad_frames", f"{what} must be a JSON object, got "
                         f"{type(obj).__name__}", msg_id)
-    problem = _json_problem(obj)
+    problem = json_problem(obj)
     if problem is not None:
         kind, text = problem
         code = "bad_frames" if header or kind == "depth" else \
             ("bad_input" if kind == "unicode" else "bad_body")
         raise WireError(code, f"{what}: {text}", None if header else msg_id)
     return obj
-
-
-def _json_problem(obj) -> tuple[str, str] | None:
-    """("depth" | "int" | "unicode", why) for the first value outside the wire's bounds, else None."""
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return "depth", f"nested deeper than {MAX_JSON_DEPTH} levels"
-        if isinstance(value, dict):
-            items = list(value.keys()) + list(value.values())
-        elif isinstance(value, list):
-            items = value
-        else:
-            items = (value,)
-        for item in items:
-            if isinstance(item, str):
-                if not item.isascii():
-                    try:
-                        item.encode("utf-8")
-                    except UnicodeEncodeError:
-                        return "unicode", "a string holds a lone surrogate (not valid Unicode)"
-            elif isinstance(item, int) and not isinstance(item, bool):
-                if abs(item) > MAX_INT:
-                    return "int", f"integer {str(item)[:20]}... is out of range (|n| < 2**63)"
-            elif isinstance(item, (dict, list)) and item is not value:
-                stack.append((item, depth + 1))
-    return None
 
 
 def _check_header(header: dict, msg_id: str | None) -> None:
@@ -430,17 +390,6 @@ def _decode_array(where: str, desc: dict, frame, msg_id) -> np.ndarray:
         raise WireError("bad_buffer", f"{where} {name!r}: shape {shape} of {dtype} needs "
                         f"{expected} bytes, the frame has {len(frame)}", msg_id)
     return np.frombuffer(frame, dtype=dt).reshape(shape)  # read-only view, no copy
-
-
-MAX_DETAIL_CHARS = 2000
-_OBJECT_REPR = re.compile(r"<[^<>\n]{1,200}? at 0x[0-9a-fA-F]+>")
-
-
-def clean_detail(detail) -> str:
-    """An error detail for the wire: no Python object reprs (``<x object at 0x...>``), bounded."""
-    text = _OBJECT_REPR.sub("<object>", str(detail))
-    text = text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates on the wire
-    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
 
 
 def error_reply(request, error: str, detail: str) -> Message:
