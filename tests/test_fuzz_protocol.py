@@ -135,3 +135,32 @@ def test_valid_messages_round_trip(msg_type):
     msg = P.Message(msg_type, bodies[msg_type], dict(buffers))
     out = P.decode(msg.encode())
     assert (out.msg_type, out.body, out.buffers, out.msg_id) == (msg_type, msg.body, msg.buffers, msg.msg_id)
+
+
+class _Backend:
+    """Acts like a station where hostile input matters: UTF-8 tokenizing, shape checks."""
+
+    def infer(self, image, instruction, task=None):
+        instruction.encode("utf-8")
+        return {"answer": "yes", "scores": {"a": 0.5}}
+
+    def status(self):
+        return {}
+
+
+@FUZZ
+@given(st.sampled_from(["infer_request", "status_request", "rollback_request", "hello"]),
+       st.dictionaries(st.sampled_from(["instruction", "image_format", "task", "x"]), json_values, max_size=4),
+       st.lists(st.binary(max_size=32), max_size=3))
+def test_endpoint_handle_never_answers_internal(msg_type, body, buffers):
+    """Whatever a client sends, the endpoint answers with a reply or a typed error, never `internal`."""
+    from kaizen.runtime.endpoint import InferenceServer
+
+    server = InferenceServer(_Backend(), "inproc://fuzz-handle")
+    descriptors = [{"name": "image" if i == 0 else f"b{i}", "kind": "bytes", "nbytes": len(b)}
+                   for i, b in enumerate(buffers)]
+    frames = [json.dumps(_header(msg_type, {"buffers": descriptors})).encode(), json.dumps(body).encode(), *buffers]
+    reply = P.decode(server.handle(frames))
+    assert reply.body["status"] in ("ok", "error")
+    assert reply.body.get("error") != "internal", reply.body
+    server.stop()
