@@ -274,6 +274,9 @@ def test_cli_hub_serve_and_station_serve_processes(fleet, packs, signing_key, tm
     hub_toml = write_hub_toml(fleet, tmp_path / "hub.toml")
     keys = fleet.root / "keys"
     infer_ep = f"ipc://{tmp_path}/station.ipc"
+    import tempfile
+
+    run_dir = tempfile.mkdtemp(prefix="kzrt")   # short: unix socket paths are limited to 107 bytes
     (tmp_path / "station.toml").write_text(f"""
 station_id = "{fleet.station_ids[0]}"
 hub_endpoint = "{fleet.hub_config.bind}"
@@ -286,6 +289,7 @@ store_dir = "store"
 trusted_keys_dir = "trusted"
 state_dir = "fleet-state"
 inference_endpoint = "{infer_ep}"
+runtime_dir = "{run_dir}"
 heartbeat_s = 0.2
 hub_timeout_s = 2.0
 """)
@@ -299,6 +303,13 @@ hub_timeout_s = 2.0
         assert wait_until(lambda: states(fleet, fleet.station_ids[0]) == {"count-1.kpk": "activated"}, WAIT)
         with InferenceClient(infer_ep, timeout_ms=5000) as client:
             assert client.status()["station"]["packs"] == [{"task_id": "count", "version": 1}]
+        # `kaizen station install` reaches the running station over its private admin socket
+        from kaizen.runtime.cli import main as kaizen_main
+
+        assert kaizen_main(["station", "install", str(packs[0]), "--config", str(tmp_path / "station.toml")]) == 0
+        assert "pick is now at version 1" in capsys.readouterr().out
+        with InferenceClient(infer_ep, timeout_ms=5000) as client:
+            assert {"task_id": "pick", "version": 1} in client.status()["station"]["packs"]
         assert hub_cli.cli_status(["--config", str(hub_toml)]) == 0
         assert "count-1.kpk: activated" in capsys.readouterr().out
     finally:
@@ -312,7 +323,10 @@ hub_timeout_s = 2.0
                 proc.kill()
                 outs.append(proc.communicate(timeout=10)[0])
     assert station.returncode == 0 and hub.returncode == 0, outs
-    assert "hub serving on" in outs[1] and "inference on" in outs[0]
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    assert "hub serving on" in outs[1] and "inference on" in outs[0] and f"admin on ipc://{run_dir}/admin" in outs[0]
 
 
 def test_local_rollback_is_reported_and_not_undone(fleet, packs):
