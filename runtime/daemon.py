@@ -327,6 +327,8 @@ class StationDaemon:
                 self._report(p, "rolled_back", "rolled back on the station")
                 self.memory.mark_skip(sha, "rolled back on the station")
                 continue
+            if sha in self.memory.activated:
+                continue  # this exact file was activated here already: never fetch it again
             todo.append(p)
         wanted = {p["sha256"] for p in todo}
         if self.transfer is not None and self.transfer.sha256 not in wanted:
