@@ -236,3 +236,29 @@ def test_daemon_applies_trusted_key_changes_without_a_restart(tmp_path, signing_
         assert f.installed(0) == {"pick": 1} and daemon._thread.is_alive()
     finally:
         f.close()
+
+
+def test_a_pack_activated_once_is_never_fetched_again(fleet, packs):
+    """A hub entry whose task/version differ from the pack's own manifest (a confused or hostile
+    hub): the pack activates once; before, the daemon fetched and installed it again forever."""
+    from kaizen.hub.db import HubDB, PackRecord
+
+    hub = fleet.start_hub()
+    hub._refresh = lambda db: None  # keep the hub from re-reading the catalogue from the file
+    folder = fleet.hub_config.packs_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(packs[0], folder / "mislabelled.kpk")
+    data = packs[0].read_bytes()
+    db = HubDB(fleet.hub_config.db_path)
+    try:
+        db.add_pack(PackRecord("mislabelled.kpk", hashlib.sha256(data).hexdigest(), len(data), "other", 7,
+                               str(folder / "mislabelled.kpk")))
+        db.publish("*", "mislabelled.kpk")
+    finally:
+        db.close()
+    daemon = fleet.start_station(0)
+    assert wait_until(lambda: fleet.installed(0) == {"pick": 1}, WAIT)
+    wait_until(lambda: False, 1.0)
+    fetched = fleet.hub.stats.fetch_count
+    wait_until(lambda: False, 1.5)  # several heartbeats and desired_states later
+    assert fleet.hub.stats.fetch_count == fetched and daemon._thread.is_alive()
