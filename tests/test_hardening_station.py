@@ -90,7 +90,7 @@ def test_full_disk_during_download_is_reported_and_retried(fleet, packs, monkeyp
         name = fleet.publish(packs[0], "*")
         daemon = fleet.start_station(0)
         assert wait_until(lambda: (hub_state(fleet, name)[0] == "rejected"), WAIT), fleet.status()
-        state, reason = hub_state(fleet, name)
+        _, reason = hub_state(fleet, name)
         assert reason.startswith("disk full (No space left on device); still serving from the store")
         assert daemon._thread.is_alive() and daemon.stats.disk_errors >= 1
         assert set(store.active()) == {"count"}               # the store keeps serving
@@ -262,3 +262,27 @@ def test_a_pack_activated_once_is_never_fetched_again(fleet, packs):
     fetched = fleet.hub.stats.fetch_count
     wait_until(lambda: False, 1.5)  # several heartbeats and desired_states later
     assert fleet.hub.stats.fetch_count == fetched and daemon._thread.is_alive()
+
+
+def test_full_disk_while_installing_is_retried_not_refused(fleet, packs, monkeypatch):
+    """ENOSPC while the store writes its staging folder: `rejected: disk full`, retried, then activated
+    (before: the store's PackError made the daemon skip the pack for good)."""
+    from kaizen.runtime import store as store_mod
+
+    real, full = store_mod.write_synced, {"on": True}
+
+    def write_synced(path, data, **kw):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(store_mod, "write_synced", write_synced)
+    fleet.start_hub()
+    name = fleet.publish(packs[0], "*")
+    daemon = fleet.start_station(0)
+    assert wait_until(lambda: hub_state(fleet, name)[0] == "rejected", WAIT), fleet.status()
+    assert hub_state(fleet, name)[1].startswith("disk full (No space left on device)")
+    assert fleet.installed(0) == {} and not list((fleet.store(0).root / "staging").iterdir())
+    full["on"] = False
+    assert wait_until(lambda: fleet.installed(0) == {"pick": 1}, WAIT)
+    assert wait_until(lambda: hub_state(fleet, name)[0] == "activated", WAIT) and daemon._thread.is_alive()
