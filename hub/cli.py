@@ -16,11 +16,13 @@ from pathlib import Path
 
 from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.keys import TrustedKeys
+from kaizen.runtime.logs import setup_logging
 
 from .catalog import catalogue_pack, fleet_status, format_status
 from .config import load_hub_config
 from .db import HubDB
 from .server import Hub
+from .status_page import start_observers
 
 
 
@@ -33,7 +35,10 @@ def cli_serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kaizen hub serve", description=cli_serve.__doc__)
     _config_arg(parser)
     args = parser.parse_args(argv)
-    hub = Hub(load_hub_config(args.config))
+    config = load_hub_config(args.config)
+    setup_logging(config.log_format)   # plain, or one JSON object per line
+    hub = Hub(config)
+    observers = start_observers(hub)   # Prometheus on metrics_listen, status page on status_listen
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -44,6 +49,9 @@ def cli_serve(argv: list[str]) -> int:
         hub.serve(stop)
     except KeyboardInterrupt:
         stop.set()
+    finally:
+        for server in observers:
+            server.stop()
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from kaizen.runtime.config import _build, _check_endpoint, _check_positive, _check_station_id, _fail, _read_toml
 from kaizen.runtime.errors import ConfigError, KaizenError
 from kaizen.runtime.keys import load_curve_public
+from kaizen.runtime.metrics_http import check_listen_fields
 
 HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path", "trusted_keys_dir")
 
@@ -45,6 +46,11 @@ class HubConfig:
     chunk_size: int = 256 * 1024
     max_credit: int = 16                  # a fetch asking for more chunks gets this many
     max_message_bytes: int = 1024 * 1024  # largest station message (sum of frames) the hub reads
+    metrics_listen: str = ""              # Prometheus /metrics, e.g. "127.0.0.1:9465"; "" = off
+    metrics_allow_remote: bool = False    # allow a non-loopback metrics_listen (no authentication)
+    status_listen: str = ""               # read-only status page, e.g. "127.0.0.1:8470"; "" = off
+    status_allow_remote: bool = False     # allow a non-loopback status_listen (no authentication)
+    log_format: str = "plain"             # or "json": one JSON object per line
     source: str = "<hub config>"
 
     def __post_init__(self) -> None:
@@ -60,6 +66,7 @@ class HubConfig:
         _check_positive(src, "max_message_bytes", self.max_message_bytes, integer=True)
         if not 4096 <= self.max_message_bytes <= 64 * 1024 * 1024:
             raise _fail(src, "max_message_bytes", f"{self.max_message_bytes} must be within 4 KiB .. 64 MiB")
+        check_listen_fields(src, self, "metrics", "status")   # loopback unless *_allow_remote; log_format
         seen: set[str] = set()
         for i, st in enumerate(self.stations):
             _check_station_id(src, f"stations[{i}].id", st.id)

@@ -76,6 +76,9 @@ class StationConfig:
     threads: int = 0                      # ORT intra-op threads; 0 = ORT's choice
     max_image_pixels: int = 25_000_000    # larger images are refused before decoding (bad_input)
     max_instruction_tokens: int = 512     # longer instructions are refused (bad_input)
+    metrics_listen: str = ""              # Prometheus /metrics "127.0.0.1:9464"; "" = off
+    metrics_allow_remote: bool = False    # allow a non-loopback metrics_listen (no authentication)
+    log_format: str = "plain"             # or "json": one JSON object per line
     source: str = "<station config>"      # the file it came from (for error messages)
 
     def __post_init__(self) -> None:
@@ -116,6 +119,8 @@ class StationConfig:
             raise _fail(src, "threads", f"{self.threads!r} must be an integer >= 0 (0 = ONNX Runtime's choice)")
         if self.credit > 64:
             raise _fail(src, "credit", f"{self.credit} is too large (at most 64 chunks in flight)")
+        from .metrics_http import check_listen_fields   # metrics_listen loopback unless allowed, log_format
+        check_listen_fields(src, self, "metrics")
 
 
 # ---------------------------------------------------------------- loading

@@ -471,10 +471,15 @@ def cli_serve(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, type=Path, help="station.toml")
     parser.add_argument("--no-hub", action="store_true", help="serve from the local store only")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = load_station_config(args.config)
+    from .logs import setup_logging
+    from .station_metrics import serve_station_metrics
+
+    setup_logging(cfg.log_format)   # plain, or one JSON object per line
     station = station_from_config(cfg)
-    server = InferenceServer(station, cfg.inference_endpoint).start()
+    server = InferenceServer(station, cfg.inference_endpoint)
+    metrics = serve_station_metrics(cfg, station, server)   # Prometheus on metrics_listen; None when off
+    server.start()
     from .admin import AdminServer   # rollback / install for this user only (never tcp)
 
     admin = AdminServer(station, cfg.admin_endpoint).start()
@@ -500,6 +505,8 @@ def cli_serve(argv: list[str]) -> int:
         else:
             link = FleetLink.from_config(cfg, base_fingerprint_of(station))
             daemon = StationDaemon(link, station, serving=lambda: True)
+            if metrics is not None:
+                metrics.watch_link(daemon)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGHUP, lambda *_: daemon.reload_keys())
             daemon.run(stop)
@@ -508,5 +515,7 @@ def cli_serve(argv: list[str]) -> int:
     finally:
         server.stop()
         admin.stop()
+        if metrics is not None:
+            metrics.stop()
     print(json.dumps({"station": cfg.station_id, "stopped": True}))
     return 0

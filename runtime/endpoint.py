@@ -112,7 +112,7 @@ class InferenceServer:
 
     def __init__(self, backend, endpoint: str, *, max_bytes: int = MAX_MESSAGE_BYTES,
                  context: zmq.Context | None = None, allow_remote: bool = False,
-                 poll_ms: int = 100, latency_window: int = LATENCY_WINDOW):
+                 poll_ms: int = 100, latency_window: int = LATENCY_WINDOW, metrics=None):
         check_local_endpoint(endpoint, allow_remote)
         if max_bytes <= 0:
             raise ConfigError(f"max_bytes must be > 0, got {max_bytes}")
@@ -122,6 +122,7 @@ class InferenceServer:
         self.max_bytes = max_bytes
         self.poll_ms = poll_ms
         self.stats = _Stats(latency_window)
+        self.metrics = metrics   # a StationMetrics (runtime/station_metrics.py): on_reply per request
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._socket: zmq.Socket | None = None
@@ -232,8 +233,10 @@ class InferenceServer:
                           request.msg_type if request else "a request")
             reply = error_reply(request, "internal", f"{type(err).__name__}: {err}")
             frames = reply.encode()
-        self.stats.record(request.msg_type if request else None, reply,
-                          time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.stats.record(request.msg_type if request else None, reply, seconds)
+        if self.metrics is not None:
+            self.metrics.on_reply(request.msg_type if request else None, reply, seconds)
         return frames
 
     def _dispatch(self, request: Message) -> Message:

@@ -85,12 +85,20 @@ class Station:
         self._rolled_back = self._read_rolled_back()
         self._snap = self._snapshot()
         self.started_at = time.time()
+        self.metrics = None   # a StationMetrics (runtime/station_metrics.py): installs, rollbacks, rejections
 
     # --- pack management -------------------------------------------------------------------------
     def install(self, kpk_path):
         with self._lock:
-            manifest = self.store.install(kpk_path, probe=self._probe)
+            try:
+                manifest = self.store.install(kpk_path, probe=self._probe)
+            except PackError as err:
+                if self.metrics is not None:
+                    self.metrics.pack_rejected(err)
+                raise
             self._snap = self._snapshot()
+        if self.metrics is not None:
+            self.metrics.pack_installed(manifest)
         return manifest
 
     def rollback(self, task_id: str):
@@ -103,6 +111,8 @@ class Station:
                 self._rolled_back[task_id] = sorted(set(self._rolled_back[task_id]) | {active.manifest.version})
                 atomic_write_bytes(self._rolled_back_file, json.dumps(self._rolled_back, indent=1).encode())
             self._snap = self._snapshot()
+        if self.metrics is not None:
+            self.metrics.pack_rolled_back(task_id)
         return manifest
 
     def reload_keys(self, trusted_keys: TrustedKeys) -> dict[str, list[str]]:
