@@ -51,6 +51,7 @@ from .keys import TrustedKeys
 from .outbox import Outbox
 from .protocol import Message, WireError, decode
 from .store import InstallIOError
+from .tarsafe import DEFAULT_LIMITS
 
 log = logging.getLogger("kaizen.daemon")
 
@@ -62,6 +63,7 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0   # backoff of a pack whose download or install hit the disk
 MAX_IO_FAILURES = 5                       # other I/O errors: then the pack is rejected for good
 KEYS_CHECK_S = 1.0                        # how often the trusted keys folder is looked at
+MAX_PACK_BYTES = DEFAULT_LIMITS.max_total_bytes + 2 * 512 * (DEFAULT_LIMITS.max_members + 16)  # as read_pack
 
 
 class StationDaemon:
@@ -329,6 +331,10 @@ class StationDaemon:
                 continue
             if sha in self.memory.activated:
                 continue  # this exact file was activated here already: never fetch it again
+            if not 0 < int(p["size"]) <= MAX_PACK_BYTES:
+                self._reject_for_good(p, f"pack too large to fetch ({p['size']} bytes announced, "
+                                         f"cap {MAX_PACK_BYTES})")
+                continue
             todo.append(p)
         wanted = {p["sha256"] for p in todo}
         if self.transfer is not None and self.transfer.sha256 not in wanted:

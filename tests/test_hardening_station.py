@@ -286,3 +286,23 @@ def test_full_disk_while_installing_is_retried_not_refused(fleet, packs, monkeyp
     full["on"] = False
     assert wait_until(lambda: fleet.installed(0) == {"pick": 1}, WAIT)
     assert wait_until(lambda: hub_state(fleet, name)[0] == "activated", WAIT) and daemon._thread.is_alive()
+
+
+def test_a_pack_announced_larger_than_any_pack_can_be_is_not_fetched(fleet, packs):
+    from kaizen.hub.db import HubDB, PackRecord
+
+    hub = fleet.start_hub()
+    hub._refresh = lambda db: None
+    folder = fleet.hub_config.packs_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(packs[0], folder / "huge.kpk")
+    db = HubDB(fleet.hub_config.db_path)
+    try:
+        db.add_pack(PackRecord("huge.kpk", "ab" * 32, 5 << 30, "pick", 1, str(folder / "huge.kpk")))
+        db.publish("*", "huge.kpk")
+    finally:
+        db.close()
+    daemon = fleet.start_station(0)
+    assert wait_until(lambda: hub_state(fleet, "huge.kpk")[0] == "rejected", WAIT)
+    assert hub_state(fleet, "huge.kpk")[1].startswith("pack too large to fetch (5368709120 bytes announced")
+    assert fleet.hub.stats.fetch_count == 0 and daemon._thread.is_alive()
