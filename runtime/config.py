@@ -68,6 +68,7 @@ class StationConfig:
     runtime_dir: Path | None = None       # private folder of the sockets; None = state_dir/run
     hub_announce_endpoint: str = ""       # the hub's PUB socket (hints only); "" = none
     threshold: float = 0.2                # selection: below this score -> "no task matches"
+    calibrated_threshold: bool = True     # also below the best pack's own calibrated selection_threshold
     top_k: int = 3
     heartbeat_s: float = 5.0
     hub_timeout_s: float = 15.0           # silence after which the DEALER is reopened
@@ -102,6 +103,8 @@ class StationConfig:
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
                 or not -1.0 <= self.threshold <= 1.0:
             raise _fail(src, "threshold", f"{self.threshold!r} must be a number in [-1, 1]")
+        if not isinstance(self.calibrated_threshold, bool):
+            raise _fail(src, "calibrated_threshold", f"{self.calibrated_threshold!r} must be true or false")
         _check_positive(src, "top_k", self.top_k, integer=True)
         _check_positive(src, "max_image_pixels", self.max_image_pixels, integer=True)
         _check_positive(src, "max_instruction_tokens", self.max_instruction_tokens, integer=True)

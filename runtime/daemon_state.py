@@ -98,6 +98,7 @@ def station_from_config(cfg):
 
     trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
     return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
+                   calibrated=cfg.calibrated_threshold,
                    top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads,
                    max_image_pixels=cfg.max_image_pixels, max_instruction_tokens=cfg.max_instruction_tokens)
 

@@ -73,12 +73,13 @@ class Station:
     def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
                  top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
                  max_new_tokens: int = 16, probe_golden: bool = True, max_image_pixels: int = MAX_PIXELS,
-                 max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS):
+                 max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS, calibrated: bool = False):
         self.bundle = Bundle.open(bundle_dir, providers=providers, threads=threads)
         self.engine = Engine(self.bundle, max_instruction_tokens=max_instruction_tokens)
         self.max_image_pixels = max_image_pixels
         self.store = PackStore(store_root, trusted_keys, self.bundle.fingerprint, RUNTIME_VERSION)
         self.threshold, self.top_k, self.alpha = threshold, top_k, alpha
+        self.calibrated = calibrated  # also refuse below the selected pack's own `selection_threshold`
         self.max_new_tokens, self.probe_golden = max_new_tokens, probe_golden
         self._lock = threading.Lock()
         self._rolled_back_file = Path(store_root) / "rolled_back.json"
@@ -184,6 +185,12 @@ class Station:
                 out[i] = e
         return normalise(np.stack(out))
 
+    def _floor(self, pack) -> float:
+        """The no-match threshold for a part whose best pack is `pack`: the station's `threshold`,
+        raised to the pack's calibrated `selection_threshold` (manifest metrics) when `calibrated`."""
+        own = pack.manifest.metrics.get("selection_threshold") if self.calibrated else None
+        return max(self.threshold, float(own)) if isinstance(own, (int, float)) else self.threshold
+
     def _image_queries(self, rgb) -> tuple[np.ndarray, np.ndarray | None]:
         """Unit image queries, plus the image rows when they came from the base's own vision pass."""
         if self.engine.aligned:
@@ -223,9 +230,9 @@ class Station:
                     raise InputError(f"task {tasks[b]!r} is not installed here (installed: {names})")
                 forced = names.index(tasks[b])
                 chosen = [forced] + [i for i in chosen if i != forced][: self.top_k - 1]
-            elif s[b, chosen[0]] < self.threshold:
+            elif s[b, chosen[0]] < self._floor(snap.packs[chosen[0]]):
                 results[b] = self._no_match(self._scores(names, s[b]), f"best score {s[b, chosen[0]]:.3f} is below "
-                                            f"the threshold {self.threshold}")
+                                            f"the threshold {self._floor(snap.packs[chosen[0]]):.3f}")
                 continue
             groups.setdefault(tuple(chosen), []).append(b)
         for chosen, rows in groups.items():

@@ -46,7 +46,8 @@ def test_demo_end_to_end_small(tmp_path):
     assert set(data["metrics"]) == {"kaizen", "lora_ft"}
     for png in ("matrix.png", "metrics.png", "latency.png", "pack_sizes.png", "delivery.png"):
         assert (report / png).stat().st_size > 5000
-    assert "Kaizen Edge demo report" in (report / "report.md").read_text()
+    text = (report / "report.md").read_text()
+    assert "Kaizen Edge demo report" in text and "Base `real-fast`" in text
     # no hub/station process outlives the demo (they run with their cwd in WORK/fleet)
     assert not _processes_in(work), "demo left processes behind"
 
@@ -58,5 +59,5 @@ def test_demo_second_run_reuses_everything(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_demo(work, report, "")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "reusing the pretrained tiny base" in second.stdout and "reusing the base bundle" in second.stdout
+    assert "reusing the pretrained real-fast base" in second.stdout and "reusing the base bundle" in second.stdout
     assert "reusing the finished kaizen run" in second.stdout

@@ -64,7 +64,7 @@ def heldout_accuracy(base, samples, rows: torch.Tensor, batch: int = 64) -> floa
     return 100.0 * hits / max(len(samples), 1)
 
 
-def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: int = 1024,
+def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: int | None = None,
           lr: float = 2e-3, log=print) -> dict:
     from .bases import load_base
     from .data.generic import generic_instruction_samples
@@ -75,8 +75,9 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     info = base.info
     train_lm = bool(info.get("preset", {}).get("train_lm"))
     t0 = time.perf_counter()
+    n_images = n_images or min(1024, max(batch, steps * batch // 2))  # ~2 epochs; the tower pass dominates
     train = generic_instruction_samples(seed=seed, n=n_images)
-    held = generic_instruction_samples(seed=seed + 1000, n=128)
+    held = generic_instruction_samples(seed=seed + 1000, n=min(128, n_images))
     rows, held_rows = tower_rows(base, train), tower_rows(base, held)
     before = heldout_accuracy(base, held, held_rows)
     model = base.model

@@ -41,6 +41,21 @@ def pack_alone_answers(method, session, t: int, refs) -> list[str]:
         return lm.greedy(method.ctx.base, batch.image, batch.instructions, prompts, method.cfg.max_new_tokens)
 
 
+FLOOR_QUANTILE = 0.01
+
+
+@torch.no_grad()
+def selection_floor(method, session, t: int) -> float:
+    """Calibrated no-match floor of task t: the 1 % quantile of its own training parts' selection
+    scores against its final key. A station (calibrated_threshold) answers "no task matches" when
+    a part's best score is below the best pack's floor: parts unlike anything the task was trained on."""
+    from .methods.modalprompt import torch_scores
+
+    f = session.features.split(session.tasks[t], "train")
+    s = torch_scores(f.clip_img, f.clip_txt, method.keys[t].detach()[None], method.cfg.alpha)[:, 0]
+    return round(float(torch.quantile(s, FLOOR_QUANTILE)), 6)
+
+
 def write_pack_meta(session, method, t: int, row: dict) -> Path | None:
     """Write pack_meta.json + golden/ for task t of a selection method; None for other methods."""
     if not selectable(method):
@@ -57,7 +72,8 @@ def write_pack_meta(session, method, t: int, row: dict) -> Path | None:
         (d / "golden" / f"{k}.png").write_bytes(buf.getvalue())
         golden.append({"image": f"golden/{k}.png", "instruction": task.test[i].instruction, "answer": answer})
     metrics = {"accuracy_after_training": row.get("acc", [None] * (t + 1))[t], "train_seconds": row.get("train_seconds"),
-               "trainable_params": row.get("trainable_params"), "selection": row.get("selection_mean")}
+               "trainable_params": row.get("trainable_params"), "selection": row.get("selection_mean"),
+               "selection_threshold": selection_floor(method, session, t)}
     meta = {"task_id": task.task_id, "method": method.name, "instructions": list(task.train_instructions),
             "answers": list(task.answers) if task.answers else None, "base_fingerprint": session.shared.fingerprint,
             "metrics": metrics, "golden": golden}

