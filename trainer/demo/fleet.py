@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from kaizen.hub.catalog import catalogue_pack
+from kaizen.hub.db import HubDB
 from kaizen.runtime.endpoint import InferenceClient
 from kaizen.runtime.errors import KaizenError
 from kaizen.runtime.keys import generate_curve_keypair, generate_signing_key, save_signing_key
-
-from kaizen.hub.catalog import catalogue_pack
-from kaizen.hub.db import HubDB
 
 SIGNER = "demo-signer"
 

@@ -27,8 +27,8 @@ from PIL import Image
 from kaizen.runtime.errors import KaizenError
 
 from .. import checkpoint as ck
-from .fleet import DemoFleet
 from ..progress import progress
+from .fleet import DemoFleet
 
 STAGES: dict[str, float] = {}
 
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=10)
     a = ap.parse_args(argv)
-    from .report import write_report
     from ..train import Shared
+    from .report import write_report
 
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
