@@ -62,6 +62,7 @@ MAX_SHA_FAILURES = 3
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0   # backoff of a pack whose download or install hit the disk
 MAX_IO_FAILURES = 5                       # other I/O errors: then the pack is rejected for good
+RESUMES_KEPT = 1000                       # DaemonStats.resumed_from keeps the latest
 KEYS_CHECK_S = 1.0                        # how often the trusted keys folder is looked at
 MAX_PACK_BYTES = DEFAULT_LIMITS.max_total_bytes + 2 * 512 * (DEFAULT_LIMITS.max_members + 16)  # as read_pack
 
@@ -348,6 +349,7 @@ class StationDaemon:
                 self._pack_failed(todo[0], err, None)
                 return
             self.stats.resumed_from.append((self.transfer.name, self.transfer.offset))
+            del self.stats.resumed_from[:-RESUMES_KEPT]  # bounded: the latest ones
 
     def _pump_transfer(self) -> None:
         t = self.transfer

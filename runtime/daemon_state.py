@@ -24,6 +24,7 @@ from .protocol import CHUNK_SIZE
 
 log = logging.getLogger("kaizen.daemon")
 MAX_MEMORY_BYTES = 16 << 20
+MAX_MEMORY_ENTRIES = 10_000  # per list: the oldest entries are forgotten first
 
 
 class DaemonMemory:
@@ -60,11 +61,13 @@ class DaemonMemory:
             return {}
 
     def mark_skip(self, sha256: str, reason: str) -> None:
-        self.skip[sha256] = reason
+        self.skip[sha256] = reason[:1000]
+        _trim(self.skip)
         self._save()
 
     def mark_activated(self, sha256: str, name: str) -> None:
         self.activated[sha256] = name
+        _trim(self.activated)
         self._save()
 
     def _save(self) -> None:
@@ -74,6 +77,12 @@ class DaemonMemory:
                                                      indent=1, sort_keys=True).encode())
         except OSError as err:
             log.warning("daemon memory %s not saved (%s); kept in memory", self.path, err.strerror or err)
+
+
+def _trim(entries: dict) -> None:
+    """Bound a memory list: forget the oldest entries beyond MAX_MEMORY_ENTRIES."""
+    for key in list(entries)[:max(0, len(entries) - MAX_MEMORY_ENTRIES)]:
+        del entries[key]
 
 
 def installed_of(installer) -> list[dict]:

@@ -306,3 +306,19 @@ def test_a_pack_announced_larger_than_any_pack_can_be_is_not_fetched(fleet, pack
     assert wait_until(lambda: hub_state(fleet, "huge.kpk")[0] == "rejected", WAIT)
     assert hub_state(fleet, "huge.kpk")[1].startswith("pack too large to fetch (5368709120 bytes announced")
     assert fleet.hub.stats.fetch_count == 0 and daemon._thread.is_alive()
+
+
+def test_daemon_memory_survives_a_corrupt_file_and_stays_bounded(tmp_path, monkeypatch):
+    """Before: json.loads of a damaged fleet_state.json raised at every daemon start (crash loop)."""
+    from kaizen.runtime import daemon_state
+
+    path = tmp_path / "fleet_state.json"
+    path.write_bytes(b"[" * 100_000)
+    memory = daemon_state.DaemonMemory(path)
+    assert memory.skip == {} and memory.activated == {}
+    assert (tmp_path / "fleet_state.json.unreadable").exists()  # kept aside for a human
+    monkeypatch.setattr(daemon_state, "MAX_MEMORY_ENTRIES", 5)
+    for i in range(12):
+        memory.mark_skip(f"{i:064x}", "refused")
+    assert list(memory.skip) == [f"{i:064x}" for i in range(7, 12)]
+    assert daemon_state.DaemonMemory(path).skip == memory.skip
