@@ -332,9 +332,10 @@ class StationDaemon:
                 continue
             if sha in self.memory.activated:
                 continue  # this exact file was activated here already: never fetch it again
-            if not 0 < int(p["size"]) <= MAX_PACK_BYTES:
-                self._reject_for_good(p, f"pack too large to fetch ({p['size']} bytes announced, "
-                                         f"cap {MAX_PACK_BYTES})")
+            size = int(p["size"])
+            if not 0 < size <= MAX_PACK_BYTES:
+                self._reject_for_good(p, f"pack {p['name']} refused: {'empty' if size <= 0 else 'too large'} "
+                                         f"({size} bytes announced, a pack is 1..{MAX_PACK_BYTES} bytes); not fetched")
                 continue
             todo.append(p)
         wanted = {p["sha256"] for p in todo}

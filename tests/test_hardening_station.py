@@ -304,7 +304,7 @@ def test_a_pack_announced_larger_than_any_pack_can_be_is_not_fetched(fleet, pack
         db.close()
     daemon = fleet.start_station(0)
     assert wait_until(lambda: hub_state(fleet, "huge.kpk")[0] == "rejected", WAIT)
-    assert hub_state(fleet, "huge.kpk")[1].startswith("pack too large to fetch (5368709120 bytes announced")
+    assert hub_state(fleet, "huge.kpk")[1].startswith("pack huge.kpk refused: too large (5368709120 bytes announced")
     assert fleet.hub.stats.fetch_count == 0 and daemon._thread.is_alive()
 
 
