@@ -33,7 +33,7 @@ STATES = ("pending", "received", "verified", "activated", "rejected", "rolled_ba
 class ReadOnlyHubDB(HubDB):
     """HubDB's read functions on a read-only connection (no schema script, no writes)."""
 
-    def __init__(self, path):  # noqa: D107 - deliberately not HubDB.__init__ (which writes)
+    def __init__(self, path):
         self.path = path
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
@@ -65,8 +65,10 @@ class FleetView:
 
     def _read(self) -> dict:
         config = self.config
-        if not config.db_path.exists():   # the hub has not written anything yet
-            return self._build(config, [], [], {})
+        if not config.db_path.exists():   # the hub has not written anything yet: its allow-list, never seen
+            rows = [{"station_id": s.id, "allowed": True, "last_seen": None, "seen_ago_s": None, "installed": [],
+                     "packs": {}} for s in sorted(config.stations, key=lambda s: s.id)]
+            return self._build(config, rows, [], {})
         db = ReadOnlyHubDB(config.db_path)
         try:
             rows = fleet_status(db, config)

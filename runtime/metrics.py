@@ -234,7 +234,7 @@ class Registry:
         for m in metrics:
             try:
                 out.extend(m.render())
-            except Exception:  # noqa: BLE001 - one broken reading must not break the scrape
+            except Exception:   # one broken reading must not break the scrape
                 self.render_errors += 1
                 log.exception("metrics: %s could not be read; left out of this scrape", m.name)
         return "\n".join(out) + "\n"

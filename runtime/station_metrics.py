@@ -120,7 +120,7 @@ class StationMetrics:
         Never raises: a metrics bug is logged and counted, the reply still goes out."""
         try:
             self._on_reply(msg_type, reply, seconds)
-        except Exception:  # noqa: BLE001 - metrics must never cost a part its answer
+        except Exception:   # metrics must never cost a part its answer
             self.hook_errors += 1
             log.exception("metrics: a request could not be counted")
 

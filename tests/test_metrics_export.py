@@ -375,10 +375,10 @@ log_format = "json"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=20)
+            err = proc.communicate(timeout=20)[1]
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate(timeout=10)
+            err = proc.communicate(timeout=10)[1]
         fleet.close()
     assert proc.returncode == 0, err[-3000:]
     records = [json.loads(line) for line in err.splitlines() if line.strip()]   # every stderr line is JSON

@@ -222,3 +222,30 @@ def test_page_escapes_and_bounds_hostile_rows():
     assert "<script>" not in page and evil not in page and "&quot;&gt;&lt;script&gt;x&lt;/script&gt;" in page
     assert page.count("<tr data-station=") == 1000 and "200 more stations not shown" in page
     assert "+20 more" in page
+
+
+def test_fleet_view_reads_only(tmp_path):
+    """The view never creates or writes the hub database (mode=ro), and an absent one is an empty fleet."""
+    from kaizen.hub.config import AllowedStation, HubConfig
+    from kaizen.hub.db import PackRecord
+    from kaizen.hub.fleet_view import FleetView, ReadOnlyHubDB
+    from kaizen.runtime.keys import generate_curve_keypair
+
+    generate_curve_keypair(tmp_path / "keys", "hub")
+    generate_curve_keypair(tmp_path / "keys", "s0")
+    config = HubConfig(bind="tcp://127.0.0.1:1", pub_bind="tcp://127.0.0.1:2", public_key_file=tmp_path / "keys/hub.pub",
+                       secret_key_file=tmp_path / "keys/hub.key", packs_dir=tmp_path / "packs",
+                       db_path=tmp_path / "hub" / "hub.sqlite",
+                       stations=[AllowedStation("line1/s00", tmp_path / "keys/s0.pub", ["line1"])])
+    snap = FleetView(config).snapshot()
+    assert not config.db_path.exists() and snap["packs"] == [] and snap["totals"]["allowed"] == 1
+    assert snap["stations"][0]["last_seen"] is None and "never" in render_html(snap)
+    HubDB(config.db_path).close()
+    ro = ReadOnlyHubDB(config.db_path)
+    try:
+        with pytest.raises(Exception, match="readonly"):
+            ro.add_pack(PackRecord("a-1.kpk", "0" * 64, 1, "a", 1, "/nowhere"))
+    finally:
+        ro.close()
+    snap = FleetView(config).snapshot()
+    assert [s["station_id"] for s in snap["stations"]] == ["line1/s00"] and snap["groups"][0]["group"] == "line1"
