@@ -28,6 +28,8 @@ from kaizen.runtime.manifest import Manifest
 from kaizen.runtime.pack import verify_pack
 from kaizen.runtime.tarsafe import TarLimits, read_members
 
+from kaizen.runtime.jsonsafe import loads
+
 from .db import HubDB, PackRecord
 
 
@@ -37,6 +39,7 @@ def read_pack_manifest(path: Path) -> Manifest:
     if "manifest.json" not in members:
         raise PackError(f"{path}: not a task pack (no manifest.json in the tar)")
     try:
+        loads("manifest.json", members["manifest.json"])  # depth-bounded first: no RecursionError
         return Manifest.from_json(members["manifest.json"])
     except ValueError as err:
         raise PackError(f"{path}: manifest.json: {err}") from None

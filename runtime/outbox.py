@@ -14,6 +14,7 @@ Resending the same msg_id is safe: the hub's state is an idempotent, never-backw
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from .durable import atomic_write_bytes, fsync_dir
 from .protocol import new_msg_id
+
+LOG = logging.getLogger("kaizen.outbox")
 
 _NAME_RE = re.compile(r"^(\d{12})-([0-9a-f]{32})\.json$")
 
@@ -42,10 +45,18 @@ class Outbox:
             match = _NAME_RE.match(path.name)
             if not match:
                 continue  # a leftover .tmp from a crash mid-write: the report was never made
-            record = json.loads(path.read_text())
+            try:
+                record = json.loads(path.read_text())
+                body = record["body"]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+                # a damaged report must not stop the daemon from starting: keep it aside, go on
+                os.replace(path, path.with_suffix(".damaged"))
+                LOG.warning("outbox: %s is unreadable (%s); moved to %s", path, type(err).__name__,
+                            path.with_suffix(".damaged"))
+                continue
             msg_id = match.group(2)
             self._files[msg_id] = path
-            self._bodies[msg_id] = record["body"]
+            self._bodies[msg_id] = body
             self._seq = max(self._seq, int(match.group(1)))
 
     def add(self, body: dict) -> str:

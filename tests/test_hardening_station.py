@@ -322,3 +322,16 @@ def test_daemon_memory_survives_a_corrupt_file_and_stays_bounded(tmp_path, monke
         memory.mark_skip(f"{i:064x}", "refused")
     assert list(memory.skip) == [f"{i:064x}" for i in range(7, 12)]
     assert daemon_state.DaemonMemory(path).skip == memory.skip
+
+
+def test_damaged_outbox_report_is_moved_aside_not_fatal(tmp_path):
+    """A report file damaged on disk (power loss, bad sector) must not stop the daemon starting."""
+    from kaizen.runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox")
+    box.add({"state": "activated", "name": "pick-1.kpk"})
+    good = sorted((tmp_path / "outbox").glob("*.json"))[0]
+    (tmp_path / "outbox" / ("000000000099-" + "0" * 32 + ".json")).write_text("{not json")
+    again = Outbox(tmp_path / "outbox")
+    assert len(again) == 1 and good.exists()
+    assert len(list((tmp_path / "outbox").glob("*.damaged"))) == 1

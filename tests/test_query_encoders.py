@@ -116,3 +116,4 @@ def test_calibrated_floor_refuses_parts_below_the_packs_own_threshold(real_stati
         if calibrated:
             assert "below the threshold 0.900" in r["detail"]
         st.close()
+
