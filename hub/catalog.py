@@ -20,16 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import HubConfig
 from kaizen.runtime.durable import fsync_dir, sha256_file
 from kaizen.runtime.errors import KaizenError, PackError
+from kaizen.runtime.jsonsafe import loads
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.manifest import Manifest
 from kaizen.runtime.pack import verify_pack
 from kaizen.runtime.tarsafe import TarLimits, read_members
 
-from kaizen.runtime.jsonsafe import loads
-
+from .config import HubConfig
 from .db import HubDB, PackRecord
 
 

@@ -330,7 +330,7 @@ def test_damaged_outbox_report_is_moved_aside_not_fatal(tmp_path):
 
     box = Outbox(tmp_path / "outbox")
     box.add({"state": "activated", "name": "pick-1.kpk"})
-    good = sorted((tmp_path / "outbox").glob("*.json"))[0]
+    good = min((tmp_path / "outbox").glob("*.json"))
     (tmp_path / "outbox" / ("000000000099-" + "0" * 32 + ".json")).write_text("{not json")
     again = Outbox(tmp_path / "outbox")
     assert len(again) == 1 and good.exists()
