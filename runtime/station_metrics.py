@@ -14,7 +14,8 @@ Metrics (all prefixed kaizen_station_):
   installs_total{task}, rollbacks_total{task}, rejections_total{reason}   (reason: reason_class())
   store_bytes                        disk used by the pack store (cached STORE_CACHE_S)
   fleet_connected, fleet_last_reply_age_seconds, fleet_reconnects_total, fleet_hub_timeouts_total,
-  fleet_bytes_received_total, fleet_messages_dropped_total, fleet_loop_errors_total
+  fleet_bytes_received_total, fleet_messages_dropped_total, fleet_loop_errors_total,
+  fleet_chunks_total{result}, fleet_disk_errors_total, fleet_rejected_packs{reason}
 The hot path (on_reply) takes one lock per metric it touches: a few microseconds per part.
 """
 
@@ -188,6 +189,19 @@ class StationMetrics:
                "Hub messages dropped (malformed or failed)", lambda: s.dropped)
         r.func("kaizen_station_fleet_loop_errors_total", "counter", "Fleet loop turns that raised",
                lambda: s.loop_errors)
+        r.func("kaizen_station_fleet_chunks_total", "counter", "Chunks received, by result (ok, duplicate, "
+               "corrupt, bad)", lambda: {(k,): v for k, v in dict(s.chunks).items()}, ["result"])
+        r.func("kaizen_station_fleet_disk_errors_total", "counter", "Downloads/installs that hit a full disk or "
+               "an I/O error (retried)", lambda: s.disk_errors)
+
+        def rejected() -> dict:
+            classes: dict = {}
+            for reason in list(dict(s.rejected).values()):
+                key = (reason_class(reason),)
+                classes[key] = classes.get(key, 0) + 1
+            return classes
+        r.func("kaizen_station_fleet_rejected_packs", "gauge", "Packs the fleet link reported rejected since "
+               "start (download or install), by reason class", rejected, ["reason"])
 
 
 INDEX = b"kaizen station: Prometheus metrics at /metrics\n"

@@ -299,6 +299,12 @@ def test_fleet_link_gauges_follow_the_hub(tmp_path):
         assert wait_until(connected, WAIT)
         s = samples(metrics.registry.render())
         assert value(s, "kaizen_station_fleet_bytes_received_total") == pack.stat().st_size
+        assert value(s, "kaizen_station_fleet_chunks_total", result="ok") >= 1
+        assert value(s, "kaizen_station_fleet_disk_errors_total") == 0
+        (bad,) = make_test_packs(tmp_path / "bad", generate_signing_key(), [("seal", 1)], base_fingerprint=FP, layers=2)
+        fleet.publish(bad)   # signed by a key the station does not trust
+        assert wait_until(lambda: value(samples(metrics.registry.render()), "kaizen_station_fleet_rejected_packs",
+                                        reason="signature") == 1, WAIT)
         fleet.stop_hub()
         assert wait_until(lambda: value(samples(metrics.registry.render()), "kaizen_station_fleet_connected") == 0,
                           WAIT)
