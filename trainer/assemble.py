@@ -95,7 +95,8 @@ def assemble(preset_name: str, out, cache=".cache/parts", seed: int = 0, log=pri
         text_cfg, lm, tok, image_id, template = _smollm2(parts["lm"])
     vision_cfg = Dinov2Config.from_pretrained(parts["vision"], local_files_only=True)
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_id,
-                      vision_feature_layer=-1, vision_feature_select_strategy="default",
+                      vision_feature_layer=-1,
+                      vision_feature_select_strategy="full" if preset.cls_token else "default",
                       projector_hidden_act="gelu", tie_word_embeddings=bool(text_cfg.tie_word_embeddings))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -119,8 +120,8 @@ def assemble(preset_name: str, out, cache=".cache/parts", seed: int = 0, log=pri
             "parts": {"vision": vinfo["provenance"], "lm": _lm_provenance(parts), "text": "text_query/kaizen_text.json"},
             "assemble_s": round(time.perf_counter() - t0, 1)}
     (out / "kaizen_base.json").write_text(json.dumps(info, indent=2))
-    log(f"assembled {preset.name} in {info['assemble_s']}s -> {out} "
-        f"({(vinfo['image_size'] // vinfo['patch_size']) ** 2} image tokens, LM {preset.lm})")
+    tokens = (vinfo["image_size"] // vinfo["patch_size"]) ** 2 + int(preset.cls_token)
+    log(f"assembled {preset.name} in {info['assemble_s']}s -> {out} ({tokens} image tokens, LM {preset.lm})")
     return out
 
 

@@ -81,6 +81,7 @@ class RealPreset:
     lm: str
     image_size: int = 224
     train_lm: bool = False
+    cls_token: bool = True  # the tower's CLS row is an image token too (LLaVA strategy "full")
     vision: str = "dinov2-s14"
     text: str = "all-minilm-l6-v2"
 
