@@ -12,7 +12,7 @@ to groups. Checked: every pack activated on exactly its eligible stations with t
 the hub's delivery table equals what the stations' stores hold, the hostile peer got no chunk,
 no pack and no delivery row, the hub never hit an internal error, and the full-disk station
 activated after the disk was freed. Prints a one-line summary (time to converge, chunks
-corrupted, disconnects, hostile messages sent).
+corrupted, disconnects, hostile messages sent). About 20 s on a busy 2-core machine.
 """
 
 import collections
@@ -117,7 +117,7 @@ class Hostile:
         self.undecodable = 0
         self.answered = 0           # replies of any kind
         self.expected = 0           # replies due so far (a frame over the limit gets none)
-        self.lost = 0               # requests whose reply never came (hub restart, peer dropped)
+        self.lost = 0               # replies not in within 1 s of their cycle (hub restart, peer dropped)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hostile", daemon=True)
 
@@ -388,8 +388,8 @@ def test_chaos_fleet_of_50_with_a_hostile_peer_disconnects_corruption_hub_restar
               f"converged in {seconds:.1f} s, ran {ran:.1f} s (hub restart at {restarted_at:.1f} s, disk freed at {lifted_at:.1f} s); "
               f"chunks sent {sum(s.chunks_sent for s in hub_stats)} (needed {total_chunks}), corrupted {corrupted} "
               f"(detected {detected}); disconnects {disconnects}; hostile messages sent {hostile.sent} "
-              f"({len(hostile.kinds)} kinds, {hostile.answered} answered, {hostile.lost} lost to restarts and "
-              f"drops, {hostile.not_sent} refused by a full queue), replies "
+              f"({len(hostile.kinds)} kinds, {hostile.answered} answered, {hostile.lost} not answered within 1 s "
+              f"(hub restart, peer dropped), {hostile.not_sent} refused by a full queue), replies "
               f"{dict(sorted(hostile.replies.items()))}; disk-full hits {disk.hits}; "
               f"test {time.monotonic() - t_test:.1f} s")
     finally:
