@@ -129,31 +129,76 @@ def scan_packs(db: HubDB, packs_dir: Path, *, skipped: dict | None = None,
 
 
 def fleet_status(db: HubDB, config: HubConfig, now: float | None = None) -> list[dict]:
-    """Per station: last seen, installed packs and the state of every desired or reported pack."""
+    """Per station: last seen, installed packs and the state of every desired or reported pack.
+
+    A pack the station runs that this hub did not deliver (an offline `kaizen station install`,
+    learnt from its hello/heartbeat) is listed as `TASK@VERSION` in state `local`; a delivered
+    version unpublished since (`kaizen hub unpublish`) shows as `unpublished`."""
     now = time.time() if now is None else now
     groups = {s.id: s.groups for s in config.stations}
     ids = sorted(set(groups) | set(db.stations()))
+    retired = db.retired()
     rows = []
     for sid in ids:
         seen = db.station(sid)
-        packs = {d["pack_name"]: {"task_id": d["task_id"], "version": d["version"], "state": d["state"],
-                                  "reason": d["reason"]} for d in db.deliveries(sid)}
+        installed = seen["installed"] if seen else []
+        running = {(i.get("task_id"), i.get("version")) for i in installed if isinstance(i, dict)}
+        packs = {}
+        for d in db.deliveries(sid):
+            state, reason = d["state"], d["reason"]
+            if d["version"] in retired.get(d["task_id"], ()) and state in ("received", "verified", "activated"):
+                state = "unpublished"
+                reason = ("unpublished at the hub; still installed on the station"
+                          if (d["task_id"], d["version"]) in running else "unpublished at the hub")
+            packs[d["pack_name"]] = {"task_id": d["task_id"], "version": d["version"], "state": state,
+                                     "reason": reason}
         for rec in db.desired_for(sid, groups.get(sid, [])):
             packs.setdefault(rec.name, {"task_id": rec.task_id, "version": rec.version,
                                         "state": "pending", "reason": ""})
+        known = {(p["task_id"], p["version"]) for p in packs.values()}
+        for task, version in sorted(running - known, key=str):
+            packs[f"{task}@{version}"] = {"task_id": task, "version": version, "state": "local",
+                                          "reason": "installed on the station, not delivered by this hub"}
         rows.append({
             "station_id": sid,
             "allowed": sid in groups,
+            "groups": list(groups.get(sid, [])),
             "last_seen": seen["last_seen"] if seen else None,
             "seen_ago_s": round(now - seen["last_seen"], 1) if seen else None,
-            "installed": seen["installed"] if seen else [],
+            "installed": installed,
             "packs": dict(sorted(packs.items())),
         })
     return rows
 
 
-def format_status(rows: list[dict]) -> str:
-    """A plain-text table: station, last seen, then one `name: state` cell per pack."""
+def fleet_summary(db: HubDB, config: HubConfig, rows: list[dict]) -> dict:
+    """Per-group delivery counts and the state of every staged rollout (canary / held / promoted)."""
+    groups = []
+    for g in sorted({g for s in config.stations for g in s.groups}):
+        members = [r for r in rows if g in r["groups"]]
+        states: dict[str, int] = {}
+        for r in members:
+            for p in r["packs"].values():
+                states[p["state"]] = states.get(p["state"], 0) + 1
+        groups.append({"group": g, "stations": len(members),
+                       "seen": sum(1 for r in members if r["last_seen"] is not None), "states": dict(sorted(states.items()))})
+    rollouts = []
+    for name, r in db.rollouts().items():
+        rec = db.pack(name)
+        targeted = [row for row in rows if name in row["packs"] or row["station_id"] in r["canary"]]
+        rollouts.append({
+            "pack": name, "task_id": rec.task_id if rec else None, "version": rec.version if rec else None,
+            "state": r["state"], "reason": r["reason"], "canary": r["canary"],
+            "canary_states": {sid: next((row["packs"].get(name, {}).get("state", "pending") for row in rows
+                                         if row["station_id"] == sid), "pending") for sid in r["canary"]},
+            "activated": sum(1 for row in targeted if row["packs"].get(name, {}).get("state") == "activated"),
+        })
+    return {"groups": groups, "rollouts": rollouts}
+
+
+def format_status(rows: list[dict], summary: dict | None = None) -> str:
+    """A plain-text table: station, last seen, then one `name: state` cell per pack; then groups
+    and rollouts when `summary` (fleet_summary) is given."""
     lines = [f"{'station':<24} {'last seen':<12} packs", "-" * 72]
     for row in rows:
         seen = "never" if row["seen_ago_s"] is None else f"{row['seen_ago_s']:.0f}s ago"
@@ -164,4 +209,14 @@ def format_status(rows: list[dict]) -> str:
                 cell += f" ({p['reason']})"
             cells.append(cell)
         lines.append(f"{row['station_id']:<24} {seen:<12} {'; '.join(cells) or '-'}")
+    if summary and summary["groups"]:
+        lines += ["", f"{'group':<24} {'stations':<12} packs by state", "-" * 72]
+        for g in summary["groups"]:
+            states = ", ".join(f"{k}: {v}" for k, v in g["states"].items()) or "-"
+            lines.append(f"{g['group']:<24} {g['seen']}/{g['stations']} seen{'':<3} {states}")
+    if summary and summary["rollouts"]:
+        lines += ["", f"{'rollout':<24} {'state':<12} canaries", "-" * 72]
+        for r in summary["rollouts"]:
+            canaries = ", ".join(f"{s}: {st}" for s, st in r["canary_states"].items())
+            lines.append(f"{r['pack']:<24} {r['state']:<12} {canaries}" + (f" ({r['reason']})" if r["reason"] else ""))
     return "\n".join(lines)

@@ -1,9 +1,15 @@
-"""The hub's commands: `kaizen hub serve`, `kaizen hub publish`, `kaizen fleet status`.
+"""The hub's commands: `kaizen hub serve|publish|unpublish|rollback|promote`, `kaizen fleet status`.
 
     kaizen hub serve --config hub.toml                    # run the hub (Ctrl-C to stop; SIGHUP
                                                           # or editing hub.toml reloads the allow-list)
     kaizen hub publish pick-3.kpk --to 'line1/*' --config hub.toml   # or --to @group; works live
-    kaizen fleet status --config hub.toml [--json]
+    kaizen hub publish pick-3.kpk --to 'line1/*' --canary 1 --config hub.toml  # or --canary-group G
+    kaizen hub promote pick --config hub.toml             # canaries activated it: release to the rest
+    kaizen hub rollback pick --to 2 [--to-group line1] --config hub.toml
+    kaizen hub unpublish pick[@3] --config hub.toml
+    kaizen fleet status --config hub.toml [--json [--all]]
+
+A refused operation (HubOpError, ConfigError) exits 2 with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.logs import setup_logging
 
-from .catalog import catalogue_pack, fleet_status, format_status
+from .catalog import catalogue_pack, fleet_status, fleet_summary, format_status
 from .config import load_hub_config
 from .db import HubDB
+from .fleet_ops import parse_task_ref, promote, rollback, rollout_progress, start_rollout, unpublish
 from .server import Hub
 from .status_page import start_observers
-
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +66,10 @@ def cli_publish(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kaizen hub publish", description=cli_publish.__doc__)
     parser.add_argument("pack", type=Path, help="the .kpk file to publish")
     parser.add_argument("--to", required=True, help="station id glob such as 'line1/*', or @group")
+    canary = parser.add_mutually_exclusive_group()
+    canary.add_argument("--canary", type=int, metavar="N", help="staged: the first N stations of the target "
+                        "(by id) get it first; `kaizen hub promote TASK` releases it to the rest")
+    canary.add_argument("--canary-group", metavar="G", help="staged: the target's stations in group G get it first")
     _config_arg(parser)
     args = parser.parse_args(argv)
     config = load_hub_config(args.config)
@@ -71,11 +81,85 @@ def cli_publish(argv: list[str]) -> int:
     db = HubDB(config.db_path)
     try:
         rec = catalogue_pack(db, config.packs_dir, args.pack, trusted)
-        db.publish(args.to, rec.name)
+        if args.canary is None and args.canary_group is None:
+            db.publish(args.to, rec.name)
+            canaries = None
+        else:
+            canaries = start_rollout(db, config, rec.name, args.to, canary=args.canary, canary_group=args.canary_group)
     finally:
         db.close()
     print(f"published {rec.name} (task {rec.task_id} v{rec.version}, {rec.size} bytes) "
           f"to {len(targets)} station(s): {', '.join(targets)}")
+    if canaries is not None:
+        print(f"canary rollout: {', '.join(canaries)} first; the rest after `kaizen hub promote {rec.task_id}` "
+              "(held automatically if a canary rejects it)")
+    return 0
+
+
+def _open(args):
+    config = load_hub_config(args.config)
+    return config, HubDB(config.db_path)
+
+
+def cli_unpublish(argv: list[str]) -> int:
+    """`kaizen hub unpublish TASK[@VERSION] --config hub.toml`: take a task (or one version) back."""
+    parser = argparse.ArgumentParser(prog="kaizen hub unpublish", description=cli_unpublish.__doc__ +
+                                     " Stations running that version go back to the newest one still published;"
+                                     " with no version left they stop serving the task.")
+    parser.add_argument("task", help="TASK (every version) or TASK@VERSION")
+    _config_arg(parser)
+    args = parser.parse_args(argv)
+    task, version = parse_task_ref(args.task)
+    _, db = _open(args)
+    try:
+        names = unpublish(db, task, version)
+    finally:
+        db.close()
+    print(f"unpublished {', '.join(names)}; stations follow at their next heartbeat")
+    return 0
+
+
+def cli_rollback(argv: list[str]) -> int:
+    """`kaizen hub rollback TASK --to VERSION [--to-group G] --config hub.toml`: fleet rollback."""
+    parser = argparse.ArgumentParser(prog="kaizen hub rollback", description=cli_rollback.__doc__ +
+                                     " Stations targeted by TASK go back to VERSION (their store's previous"
+                                     " version); publishing a newer version moves them on again.")
+    parser.add_argument("task")
+    parser.add_argument("--to", required=True, type=int, metavar="VERSION", help="the version to go back to")
+    parser.add_argument("--to-group", metavar="G", help="only the stations of group G")
+    _config_arg(parser)
+    args = parser.parse_args(argv)
+    config, db = _open(args)
+    if args.to_group is not None and not config.resolve_targets("@" + args.to_group):
+        db.close()
+        raise ConfigError(f"{config.source}: group {args.to_group!r} has no station")
+    try:
+        name = rollback(db, args.task, args.to, "*" if args.to_group is None else "@" + args.to_group)
+    finally:
+        db.close()
+    print(f"rolling {args.task} back to v{args.to} ({name}) on "
+          f"{'every station it is published to' if args.to_group is None else 'group ' + args.to_group}")
+    return 0
+
+
+def cli_promote(argv: list[str]) -> int:
+    """`kaizen hub promote TASK[@VERSION] [--force] --config hub.toml`: release a canary rollout."""
+    parser = argparse.ArgumentParser(prog="kaizen hub promote", description=cli_promote.__doc__ +
+                                     " Refused while the rollout is held (a canary rejected it) or a canary has"
+                                     " not activated it yet, unless --force.")
+    parser.add_argument("task", help="TASK or TASK@VERSION")
+    parser.add_argument("--force", action="store_true", help="promote even if held or canaries are not done")
+    _config_arg(parser)
+    args = parser.parse_args(argv)
+    task, version = parse_task_ref(args.task)
+    _, db = _open(args)
+    try:
+        name = promote(db, task, version, force=args.force)
+        progress = rollout_progress(db, name)
+    finally:
+        db.close()
+    print(f"promoted {name} (canaries: {', '.join(f'{s} {st}' for s, st in progress['canary_states'].items())}); "
+          "the rest of its target gets it now")
     return 0
 
 
@@ -83,13 +167,18 @@ def cli_status(argv: list[str]) -> int:
     """`kaizen fleet status --config hub.toml [--json]`: per-station delivery state."""
     parser = argparse.ArgumentParser(prog="kaizen fleet status", description=cli_status.__doc__)
     _config_arg(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON (the per-station list) instead of a table")
+    parser.add_argument("--all", action="store_true", help="with --json: {stations, groups, rollouts}")
     args = parser.parse_args(argv)
     config = load_hub_config(args.config)
     db = HubDB(config.db_path)
     try:
         rows = fleet_status(db, config)
+        summary = fleet_summary(db, config, rows)
     finally:
         db.close()
-    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+    if args.json:
+        print(json.dumps({"stations": rows, **summary} if args.all else rows, indent=2))
+    else:
+        print(format_status(rows, summary))
     return 0

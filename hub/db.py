@@ -10,7 +10,9 @@ works while the hub runs (it writes to the same database; the hub notices the ne
     db.record_report("line1/s01", name, task_id, version, "activated", "")
     db.status_rows()                               # what `kaizen fleet status` prints
 
-Tables: packs, publications, stations, deliveries, meta(revision). Growth is bounded by the
+Tables: packs, publications, stations, deliveries, meta(revision); for fleet operations
+(hub/fleet_ops.py) rollouts (canary / held / promoted per pack), pins (`kaizen hub rollback`:
+task -> version for a target) and retired (versions taken back by `kaizen hub unpublish`). Growth is bounded by the
 allow-list and the catalogue: one stations row per allow-listed id, one deliveries row per
 (station, catalogued pack), reasons cut to MAX_REASON_CHARS, installed lists to MAX_INSTALLED.
 No torch here.
@@ -47,6 +49,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL,
     PRIMARY KEY (station_id, pack_name));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rollouts (
+    pack_name TEXT PRIMARY KEY REFERENCES packs(name), canary TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+    target TEXT NOT NULL, task_id TEXT NOT NULL, version INTEGER NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (target, task_id));
+CREATE TABLE IF NOT EXISTS retired (
+    task_id TEXT NOT NULL, version INTEGER NOT NULL, retired_at REAL NOT NULL, PRIMARY KEY (task_id, version));
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0);
 """
 
@@ -107,31 +117,110 @@ class HubDB:
         return [PackRecord(**dict(r)) for r in rows]
 
     def publish(self, target: str, pack_name: str) -> None:
-        """Desire `pack_name` on every station `target` names (glob over ids, or "@group")."""
-        assert self.pack(pack_name) is not None, f"publish of unknown pack {pack_name}"
+        """Desire `pack_name` on every station `target` names (glob over ids, or "@group").
+
+        A new publication of a task moves it on: its rollback pins and the retired mark of this
+        version are cleared."""
+        rec = self.pack(pack_name)
+        assert rec is not None, f"publish of unknown pack {pack_name}"
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO publications (target, pack_name, created_at) "
                               "VALUES (?, ?, ?)", (target, pack_name, time.time()))
+            self.conn.execute("DELETE FROM pins WHERE task_id = ?", (rec.task_id,))
+            self.conn.execute("DELETE FROM retired WHERE task_id = ? AND version = ?", (rec.task_id, rec.version))
             self._bump()
 
     def publications(self) -> list[tuple[str, str]]:
         return [(r["target"], r["pack_name"]) for r in
                 self.conn.execute("SELECT target, pack_name FROM publications ORDER BY created_at")]
 
+    def rollouts(self) -> dict[str, dict]:
+        """{pack name: {canary: [station ids], state, reason, created_at, updated_at}}."""
+        try:
+            rows = self.conn.execute("SELECT * FROM rollouts ORDER BY created_at").fetchall()
+        except sqlite3.OperationalError:   # a read-only view of a database made before rollouts existed
+            return {}
+        return {r["pack_name"]: {**dict(r), "canary": json.loads(r["canary"])} for r in rows}
+
+    def pins(self) -> list[dict]:
+        """Rollback pins, oldest first: {target, task_id, version}."""
+        try:
+            rows = self.conn.execute("SELECT target, task_id, version FROM pins ORDER BY created_at").fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [dict(r) for r in rows]
+
+    def retired(self) -> dict[str, set[int]]:
+        """{task_id: versions taken back by `kaizen hub unpublish`}."""
+        try:
+            rows = self.conn.execute("SELECT task_id, version FROM retired").fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        out: dict[str, set[int]] = {}
+        for r in rows:
+            out.setdefault(r["task_id"], set()).add(int(r["version"]))
+        return out
+
     def published_to(self, station_id: str, groups: list[str]) -> set[str]:
-        """Names of every pack published to this station (by glob over ids or one of its groups)."""
-        return {name for target, name in self.publications()
-                if ((target[1:] in groups) if target.startswith("@") else fnmatch.fnmatchcase(station_id, target))}
+        """Names of every pack published to this station (by glob over ids or one of its groups),
+        except packs in a canary or held rollout this station is not a canary of, plus the pack a
+        rollback pin names for a task the station is targeted by."""
+        rollouts = self.rollouts()
+        names = {name for target, name in self.publications() if _matches(target, station_id, groups)
+                 and (name not in rollouts or rollouts[name]["state"] == "promoted"
+                      or station_id in rollouts[name]["canary"])}
+        return names | {rec.name for rec in self._pinned(station_id, groups, names).values()}
+
+    def _pinned(self, station_id: str, groups: list[str], names: set[str]) -> dict[str, PackRecord]:
+        """{task: pinned pack} for the tasks among `names` a rollback pin applies to here (newest pin wins)."""
+        tasks = {rec.task_id for rec in map(self.pack, names) if rec}
+        out = {}
+        for pin in self.pins():
+            if pin["task_id"] in tasks and _matches(pin["target"], station_id, groups):
+                rec = self.pack_of(pin["task_id"], pin["version"])
+                if rec is not None:
+                    out[pin["task_id"]] = rec
+        return out
+
+    def pack_of(self, task_id: str, version: int) -> PackRecord | None:
+        """The catalogued pack of a task version (the newest catalogued file if there are several)."""
+        row = self.conn.execute("SELECT name, sha256, size, task_id, version, path FROM packs WHERE task_id = ? "
+                                "AND version = ? ORDER BY added_at DESC", (task_id, int(version))).fetchone()
+        return PackRecord(**dict(row)) if row else None
 
     def desired_for(self, station_id: str, groups: list[str], exclude=frozenset()) -> list[PackRecord]:
-        """Packs desired on a station: the newest published version of each task it is targeted by
-        (packs named in `exclude`, e.g. files the hub cannot serve, are left out)."""
+        """Packs desired on a station: the newest published version of each task it is targeted by,
+        or the version a rollback pin names (packs named in `exclude`, e.g. files the hub cannot
+        serve, are left out)."""
+        names = self.published_to(station_id, groups) - set(exclude)
+        pinned = self._pinned(station_id, groups, names)
         best: dict[str, PackRecord] = {}
-        for name in sorted(self.published_to(station_id, groups) - set(exclude)):
+        for name in sorted(names):
             rec = self.pack(name)
             if rec and (rec.task_id not in best or rec.version > best[rec.task_id].version):
                 best[rec.task_id] = rec
+        best.update({t: rec for t, rec in pinned.items() if rec.name not in exclude})
         return sorted(best.values(), key=lambda r: r.task_id)
+
+    def desired_state(self, station_id: str, groups: list[str], exclude=frozenset()) -> dict:
+        """The body of a desired_state message for this station.
+
+        `packs` entries carry `rollback: true` when the hub takes the task back to this version
+        (a rollback pin, or a newer version was unpublished); `removed` lists tasks unpublished
+        altogether that this station had been delivered."""
+        desired = self.desired_for(station_id, groups, exclude)
+        pinned = {t for t in self._pinned(station_id, groups, self.published_to(station_id, groups))}
+        retired = self.retired()
+        packs = []
+        for rec in desired:
+            entry = rec.wire()
+            if rec.task_id in pinned or any(v > rec.version for v in retired.get(rec.task_id, ())):
+                entry["rollback"] = True
+            packs.append(entry)
+        have = {rec.task_id for rec in desired}
+        delivered = {d["task_id"] for d in self.deliveries(station_id)}
+        removed = sorted(t for t in retired if t not in have and t in delivered)
+        return {"packs": packs, "removed": removed}
 
     def revision(self) -> int:
         return int(self.conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
@@ -176,6 +265,11 @@ class HubDB:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(station_id, pack_name) DO UPDATE SET "
                 "state=excluded.state, reason=excluded.reason, updated_at=excluded.updated_at",
                 (station_id, pack_name, task_id, int(version), state, reason, time.time()))
+            if state == "activated":   # an older version active again (a fleet rollback): newer ones are gone
+                self.conn.execute(
+                    "UPDATE deliveries SET state = 'rolled_back', reason = ?, updated_at = ? WHERE station_id = ? "
+                    "AND task_id = ? AND version > ? AND state IN ('received', 'verified', 'activated')",
+                    (f"rolled back to v{int(version)}", time.time(), station_id, task_id, int(version)))
         return True
 
     def station(self, station_id: str) -> dict | None:
@@ -201,3 +295,8 @@ class HubDB:
         row = self.conn.execute("SELECT * FROM deliveries WHERE station_id = ? AND pack_name = ?",
                                 (station_id, pack_name)).fetchone()
         return dict(row) if row else None
+
+
+def _matches(target: str, station_id: str, groups: list[str]) -> bool:
+    """Whether a publication target (glob over ids, or "@group") names this station."""
+    return (target[1:] in groups) if target.startswith("@") else fnmatch.fnmatchcase(station_id, target)

@@ -34,6 +34,7 @@ from .auth import ZapHandler
 from .catalog import scan_packs
 from .config import HubConfig, load_hub_config
 from .db import HubDB
+from .fleet_ops import hold_on_report
 
 log = logging.getLogger("kaizen.hub")
 
@@ -254,8 +255,9 @@ class Hub:
         log.info("hub: reloaded %s: %d allow-listed stations", self.config.source, len(self._allowed))
         self._push_desired(db, router, pub)
 
-    def _desired(self, db: HubDB, station_id: str) -> list[dict]:
-        return [r.wire() for r in db.desired_for(station_id, self._groups.get(station_id, []), self.unservable)]
+    def _desired(self, db: HubDB, station_id: str) -> dict:
+        """The desired_state body for a station: packs (with rollback marks) and removed tasks."""
+        return db.desired_state(station_id, self._groups.get(station_id, []), self.unservable)
 
     def _push_desired(self, db: HubDB, router: zmq.Socket, pub: zmq.Socket) -> None:
         """A publication changed: tell connected stations now, and hint everyone over PUB.
@@ -264,7 +266,7 @@ class Hub:
         learn about packs published to it (from its own desired_state)."""
         for sid, identity in list(self._peers.items()):
             if sid in self._groups:
-                router.send_multipart([identity, *Message("desired_state", {"packs": self._desired(db, sid)}).encode()],
+                router.send_multipart([identity, *Message("desired_state", self._desired(db, sid)).encode()],
                                       zmq.NOBLOCK)
         pub.send_multipart(Message("announce", {"packs": []}).encode(), zmq.NOBLOCK)
 
@@ -316,7 +318,7 @@ class Hub:
                            serving=b.get("serving") if isinstance(b.get("serving"), bool) else None,
                            base_fingerprint=b["base_fingerprint"][:MAX_ID_CHARS] if hello else None,
                            runtime_version=b["runtime_version"][:MAX_ID_CHARS] if hello else None)
-            send(ok_reply(msg, {"packs": self._desired(db, station_id)}, msg_type="desired_state"))
+            send(ok_reply(msg, self._desired(db, station_id), msg_type="desired_state"))
         elif msg.msg_type == "fetch":
             self._serve_fetch(db, station_id, msg, send)
         elif msg.msg_type == "report":
@@ -326,6 +328,9 @@ class Hub:
             else:
                 db.record_report(station_id, rec.name, rec.task_id, rec.version, b["state"], b["reason"] or "")
                 self.stats.reports += 1
+                if hold_on_report(db, station_id, rec.name, b["state"], b["reason"] or ""):
+                    log.warning("hub: rollout of %s held: canary %s rejected it: %s", rec.name, station_id,
+                                b["reason"])
             send(ok_reply(msg, {"acked_msg_id": msg.msg_id}, msg_type="ack"))
 
     def _serve_fetch(self, db: HubDB, station_id: str, msg: Message, send) -> None:

@@ -43,6 +43,7 @@ from .daemon_state import (
     base_fingerprint_of,
     installed_of,
     keys_folder_state,
+    previous_of,
 )
 from .durable import fsync_dir
 from .errors import KaizenError
@@ -83,6 +84,7 @@ class StationDaemon:
         self.outbox = Outbox(self.state_dir / "outbox")
         self.memory = DaemonMemory(self.state_dir / "fleet_state.json")
         self.desired: list[dict] = []
+        self.removed: list[str] = []            # tasks the hub unpublished altogether
         self.transfer: Transfer | None = None
         self._sha_failures: dict[str, int] = {}
         self._fetch_ids: dict[str, str] = {}   # fetch msg_id -> pack name
@@ -289,6 +291,8 @@ class StationDaemon:
             self.desired = [p for p in body["packs"] if PACK_NAME_RE.match(p["name"]) and SHA_RE.match(p["sha256"])]
             if len(self.desired) != len(body["packs"]):
                 log.warning("%s: ignored desired packs with an unsafe name or a bad sha256", self.link.station_id)
+            removed = body.get("removed", [])   # optional: tasks the hub unpublished altogether
+            self.removed = [t for t in removed if isinstance(t, str)] if isinstance(removed, list) else []
             self._reconcile()
         elif kind == "chunk":
             t = self.transfer
@@ -315,6 +319,7 @@ class StationDaemon:
 
     def _reconcile(self) -> None:
         have = {(i["task_id"], i["version"]) for i in self._installed()}
+        self._remove_unpublished(have)
         todo = []
         now = time.monotonic()
         for p in self.desired:
@@ -325,6 +330,10 @@ class StationDaemon:
                 if sha not in self.memory.activated:
                     self._report(p, "activated", "already installed")
                     self.memory.mark_activated(sha, p["name"])
+                continue
+            newer = [v for t, v in have if t == p["task_id"] and v > p["version"]]
+            if p.get("rollback") is True and newer:
+                self._hub_rollback(p, newer[0])
                 continue
             if sha in self.memory.activated and any(t == p["task_id"] and v < p["version"] for t, v in have):
                 self._report(p, "rolled_back", "rolled back on the station")
@@ -351,6 +360,48 @@ class StationDaemon:
                 return
             self.stats.resumed_from.append((self.transfer.name, self.transfer.offset))
             del self.stats.resumed_from[:-RESUMES_KEPT]  # bounded: the latest ones
+
+    def _hub_rollback(self, entry: dict, current: int) -> None:
+        """The hub takes a task back to an older version (`rollback: true`): the store's own
+        rollback when that version is the one it kept as previous, else rejected (once) with why."""
+        task, version = entry["task_id"], entry["version"]
+        previous = previous_of(self.installer, task)
+        if previous != version or not callable(getattr(self.installer, "rollback", None)):
+            self._reject_for_good(entry, f"cannot roll {task} back from v{current} to v{version}: this station keeps "
+                                         f"only {'no version' if previous is None else f'v{previous}'} as the "
+                                         "previous one; publish a new version with the old contents instead")
+            return
+        try:
+            self.installer.rollback(task)
+        except KaizenError as err:
+            self._reject_for_good(entry, f"rollback of {task} to v{version} failed: {err}")
+            return
+        self.stats.hub_rollbacks += 1
+        self._report(entry, "activated", f"rolled back by the hub from v{current}")
+        self.memory.mark_activated(entry["sha256"], entry["name"])
+        self._next_heartbeat = time.monotonic()   # tell the hub what is installed now
+
+    def _remove_unpublished(self, have: set) -> None:
+        """Stop serving tasks the hub unpublished altogether (desired_state `removed`)."""
+        tasks = {t for t, _ in have} & set(self.removed)
+        if not tasks:
+            return
+        remove = getattr(self.installer, "remove", None)
+        for task in sorted(tasks):
+            if not callable(remove):
+                if task not in self.stats.remove_unsupported:
+                    self.stats.remove_unsupported.append(task)
+                    log.error("%s: the hub unpublished task %s but this station's store cannot remove a task; "
+                              "still serving it", self.link.station_id, task)
+                continue
+            try:
+                remove(task)
+            except KaizenError as err:
+                log.error("%s: cannot remove unpublished task %s: %s", self.link.station_id, task, err)
+                continue
+            self.stats.hub_removals += 1
+            log.info("%s: task %s unpublished by the hub: removed", self.link.station_id, task)
+            self._next_heartbeat = time.monotonic()
 
     def _pump_transfer(self) -> None:
         t = self.transfer

@@ -4,6 +4,7 @@
     memory.mark_activated(sha256, name)      # reported activated once: never again
     memory.mark_skip(sha256, reason)         # rejected or rolled back here: do not fetch it again
     installed_of(store_or_station)           # -> [{"task_id", "version"}]
+    previous_of(store_or_station, task)      # -> the version its store keeps as previous (or None)
     base_fingerprint_of(store_or_station)    # -> the base it serves (for hello)
     station_from_config(cfg)                 # the Station `kaizen station serve` runs
     FleetLink.from_config(cfg, fingerprint)  # the daemon's link settings; DaemonStats: its counters
@@ -94,6 +95,15 @@ def installed_of(installer) -> list[dict]:
     return [{"task_id": task, "version": int(p.manifest.version)} for task, p in sorted(active.items())]
 
 
+def previous_of(installer, task_id: str) -> int | None:
+    """The version a Station's or PackStore's store keeps as previous for `task_id` (None: none)."""
+    store = getattr(installer, "store", installer)
+    listing = getattr(store, "list", None)
+    if not callable(listing):
+        return None
+    return next((e["previous"] for e in listing() if e["task"] == task_id), None)
+
+
 def base_fingerprint_of(installer) -> str:
     """The base fingerprint a Station (bundle.fingerprint) or a PackStore (base_fingerprint) serves."""
     bundle = getattr(installer, "bundle", None)
@@ -155,6 +165,9 @@ class DaemonStats:
     loop_errors: int = 0         # loop turns that raised (logged; the loop went on)
     disk_errors: int = 0         # downloads/installs that hit a full disk or an I/O error (retried)
     keys_reloads: int = 0        # trusted-key reloads applied
+    hub_rollbacks: int = 0       # tasks taken back to their previous version by the hub
+    hub_removals: int = 0        # tasks removed because the hub unpublished them
+    remove_unsupported: list = field(default_factory=list)  # unpublished tasks the installer cannot remove
 
 
 def keys_folder_state(folder: Path) -> tuple:
