@@ -9,7 +9,7 @@
     kaizen hub unpublish pick[@3] --config hub.toml
     kaizen fleet status --config hub.toml [--json [--all]]
 
-A refused operation (HubOpError, ConfigError) exits 2 with a message saying what to do.
+A refused operation (HubOpError, ConfigError) exits 1 with a message saying what to do.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Data comes from hub/catalog.py `fleet_status()` and hub/db.py's read functions o
 connection opened with SQLite's mode=ro (the view cannot write, and never creates the file).
 A station counts as connected when its last hello/heartbeat is at most `connected_within_s` old.
 Rollout progress of a pack = stations where it is activated / stations it is targeted at (the
-newest published version of its task for that station). Bounded: at most MAX_PACKS packs (the
+newest published version of its task for that station); `rollout` is its staged-rollout state
+(canary / held / promoted, None when published to its whole target at once). A pack installed
+offline on a station shows in that station's packs as `TASK@VERSION` in state `local`. Bounded: at most MAX_PACKS packs (the
 newest versions first) and reasons cut to MAX_REASON_CHARS.
 """
 
@@ -68,7 +70,7 @@ class FleetView:
         if not config.db_path.exists():   # the hub has not written anything yet: its allow-list, never seen
             rows = [{"station_id": s.id, "allowed": True, "last_seen": None, "seen_ago_s": None, "installed": [],
                      "packs": {}} for s in sorted(config.stations, key=lambda s: s.id)]
-            return self._build(config, rows, [], {})
+            return self._build(config, rows, [], {}, {})
         db = ReadOnlyHubDB(config.db_path)
         try:
             rows = fleet_status(db, config)
@@ -76,11 +78,12 @@ class FleetView:
             groups = {s.id: list(s.groups) for s in config.stations}
             desired = {r["station_id"]: {p.name for p in db.desired_for(r["station_id"], groups.get(r["station_id"], []))}
                        for r in rows}
+            rollouts = db.rollouts()
         finally:
             db.close()
-        return self._build(config, rows, packs, desired)
+        return self._build(config, rows, packs, desired, rollouts)
 
-    def _build(self, config: HubConfig, rows: list[dict], packs: list, desired: dict) -> dict:
+    def _build(self, config: HubConfig, rows: list[dict], packs: list, desired: dict, rollouts: dict) -> dict:
         groups_of = {s.id: list(s.groups) for s in config.stations}
         stations = []
         for r in rows:
@@ -107,7 +110,9 @@ class FleetView:
             activated = sum(1 for sid in targeted if by_station[sid]["packs"].get(rec.name, {}).get("state") == "activated")
             pack_rows.append({"name": rec.name, "task_id": rec.task_id, "version": rec.version, "size": rec.size,
                               "targeted": len(targeted), "activated": activated, "states": dict(states),
-                              "rejected": rejected[:50]})
+                              "rejected": rejected[:50],
+                              "rollout": rollouts[rec.name]["state"] if rec.name in rollouts else None,
+                              "rollout_reason": _short(rollouts[rec.name]["reason"]) if rec.name in rollouts else ""})
         pack_rows.sort(key=lambda p: (p["task_id"], -p["version"]))
         group_rows = []
         for g in sorted({g for gs in groups_of.values() for g in gs}):

@@ -56,6 +56,14 @@ def _ago(seconds) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
+def _rollout(p: dict) -> str:
+    """The staged-rollout state of a pack row (canary / held / promoted), or nothing."""
+    if not p.get("rollout"):
+        return ""
+    why = f' <span class="reason">{_e(p["rollout_reason"])}</span>' if p.get("rollout_reason") else ""
+    return f' <span class="rollout" data-rollout="{_e(p["rollout"])}">{_e(p["rollout"])}</span>{why}'
+
+
 def _state(name: str, p: dict) -> str:
     reason = f' <span class="reason">({_e(p["reason"])})</span>' if p.get("reason") else ""
     return (f'<span class="state state-{_e(p["state"])}" data-pack="{_e(name)}" data-state="{_e(p["state"])}">'
@@ -84,7 +92,7 @@ def render_html(snap: dict) -> str:
         out.append(f'<tr data-pack="{_e(p["name"])}"><td>{_e(p["name"])}</td><td>{_e(p["task_id"])}</td>'
                    f'<td>{_e(p["version"])}</td><td>{_e(p["size"])}</td>'
                    f'<td><span class="bar"><span style="width:{share:.0f}%"></span></span> '
-                   f'<span class="progress">{p["activated"]} / {p["targeted"]}</span></td>'
+                   f'<span class="progress">{p["activated"]} / {p["targeted"]}</span>{_rollout(p)}</td>'
                    f"<td>{states}</td><td>{rejected}</td></tr>")
     if not snap["packs"]:
         out.append('<tr><td colspan="7" class="muted">no packs published yet</td></tr>')

@@ -329,7 +329,7 @@ class StationDaemon:
             if key in have:
                 if sha not in self.memory.activated:
                     self._report(p, "activated", "already installed")
-                    self.memory.mark_activated(sha, p["name"])
+                    self.memory.mark_activated(sha, p["name"], p["task_id"])
                 continue
             newer = [v for t, v in have if t == p["task_id"] and v > p["version"]]
             if p.get("rollback") is True and newer:
@@ -378,7 +378,7 @@ class StationDaemon:
             return
         self.stats.hub_rollbacks += 1
         self._report(entry, "activated", f"rolled back by the hub from v{current}")
-        self.memory.mark_activated(entry["sha256"], entry["name"])
+        self.memory.mark_activated(entry["sha256"], entry["name"], entry["task_id"])
         self._next_heartbeat = time.monotonic()   # tell the hub what is installed now
 
     def _remove_unpublished(self, have: set) -> None:
@@ -400,6 +400,7 @@ class StationDaemon:
                 log.error("%s: cannot remove unpublished task %s: %s", self.link.station_id, task, err)
                 continue
             self.stats.hub_removals += 1
+            self.memory.forget_task(task)   # published again later: fetched and installed again
             log.info("%s: task %s unpublished by the hub: removed", self.link.station_id, task)
             self._next_heartbeat = time.monotonic()
 
@@ -452,7 +453,7 @@ class StationDaemon:
             if not callable(verify):
                 self._report(entry, "verified", None)
             self._report(entry, "activated", None)
-            self.memory.mark_activated(entry["sha256"], entry["name"])
+            self.memory.mark_activated(entry["sha256"], entry["name"], entry["task_id"])
             self.stats.activated_at[entry["name"]] = time.time()
         if not self.keep_downloads:
             try:

@@ -3,6 +3,7 @@
     memory = DaemonMemory(state_dir / "fleet_state.json")
     memory.mark_activated(sha256, name)      # reported activated once: never again
     memory.mark_skip(sha256, reason)         # rejected or rolled back here: do not fetch it again
+    memory.forget_task(task)                 # the hub unpublished it: its packs may come again
     installed_of(store_or_station)           # -> [{"task_id", "version"}]
     previous_of(store_or_station, task)      # -> the version its store keeps as previous (or None)
     base_fingerprint_of(store_or_station)    # -> the base it serves (for hello)
@@ -41,14 +42,15 @@ class DaemonMemory:
         data = self._read()
         self.skip: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("skip", {})).items()}
         self.activated: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("activated", {})).items()}
+        self.tasks: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("tasks", {})).items()}  # sha -> task
 
     def _read(self) -> dict:
         """The saved memory; an unreadable file is moved aside (a fresh start re-fetches, never crashes)."""
         try:
             with open(self.path, "rb") as f:
                 data = json.loads(f.read(MAX_MEMORY_BYTES + 1))
-            if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("skip", "activated")):
-                raise ValueError("not {skip: {...}, activated: {...}}")
+            if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("skip", "activated", "tasks")):
+                raise ValueError("not {skip: {...}, activated: {...}, tasks: {...}}")
             return data
         except FileNotFoundError:
             return {}
@@ -66,15 +68,25 @@ class DaemonMemory:
         _trim(self.skip)
         self._save()
 
-    def mark_activated(self, sha256: str, name: str) -> None:
+    def mark_activated(self, sha256: str, name: str, task_id: str | None = None) -> None:
         self.activated[sha256] = name
         _trim(self.activated)
+        if task_id is not None:
+            self.tasks[sha256] = task_id
+            _trim(self.tasks)
+        self._save()
+
+    def forget_task(self, task_id: str) -> None:
+        """The task left the station (the hub unpublished it): its packs may be fetched again."""
+        for sha in [sha for sha, task in self.tasks.items() if task == task_id]:
+            self.activated.pop(sha, None)
+            del self.tasks[sha]
         self._save()
 
     def _save(self) -> None:
         """Persist; on a full disk the memory stays in RAM and the next mark_* saves it again."""
         try:
-            atomic_write_bytes(self.path, json.dumps({"skip": self.skip, "activated": self.activated},
+            atomic_write_bytes(self.path, json.dumps({"skip": self.skip, "activated": self.activated, "tasks": self.tasks},
                                                      indent=1, sort_keys=True).encode())
         except OSError as err:
             log.warning("daemon memory %s not saved (%s); kept in memory", self.path, err.strerror or err)

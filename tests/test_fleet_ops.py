@@ -15,7 +15,10 @@ from kaizen.hub import cli as hub_cli
 from kaizen.hub.db import HubDB
 from kaizen.hub.fleet_ops import HubOpError
 from kaizen.hub.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
+from kaizen.hub.fleet_view import FleetView
+from kaizen.hub.status_page import render_html
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
+from kaizen.runtime.store import PackStore
 
 FP = "test-base-fp"
 WAIT = 20.0
@@ -74,7 +77,7 @@ def test_unpublish_a_version_takes_stations_back_and_unpublish_a_task_withdraws_
     for key in ("pick1", "count1", "pick2"):
         assert hub_cli.cli_publish([str(packs[key]), "--to", "*", "--config", conf]) == 0
         task, version = key[:-1], int(key[-1])
-        assert wait_until(lambda: versions(fleet, task) == [version] * 3, WAIT), (key, versions(fleet, task))
+        assert wait_until(lambda t=task, v=version: versions(fleet, t) == [v] * 3, WAIT), key
 
     assert hub_cli.cli_unpublish(["pick@2", "--config", conf]) == 0
     assert wait_until(lambda: versions(fleet, "pick") == [1, 1, 1], WAIT)   # each store's previous version
@@ -95,11 +98,29 @@ def test_unpublish_a_version_takes_stations_back_and_unpublish_a_task_withdraws_
         hub_cli.cli_unpublish(["count@1", "--config", conf])
 
 
+@pytest.mark.skipif(not hasattr(PackStore, "remove"), reason="the pack store cannot remove a task yet")
+def test_unpublished_task_stops_being_served(fleet, packs, conf):
+    run(fleet, 2)
+    for key in ("pick1", "count1"):
+        fleet.publish(packs[key], "*")
+    assert wait_until(lambda: fleet.installed(0) == fleet.installed(1) == {"pick": 1, "count": 1}, WAIT)
+    assert hub_cli.cli_unpublish(["count", "--config", conf]) == 0
+    assert wait_until(lambda: fleet.installed(0) == fleet.installed(1) == {"pick": 1}, WAIT)
+    assert all(d.stats.hub_removals == 1 for d in fleet.daemons.values())
+    assert wait_until(lambda: next(r for r in fleet.status() if r["station_id"] == S1)["packs"]["count-1.kpk"]
+                      == {"task_id": "count", "version": 1, "state": "unpublished", "reason": "unpublished at the hub"},
+                      WAIT)
+    assert not (fleet.store(0).root / "packs" / "count").exists()   # its files are gone too
+    fleet.publish(packs["count1"], "@b")                     # publishing again brings it back
+    assert wait_until(lambda: fleet.installed(1) == {"pick": 1, "count": 1}, WAIT)
+    assert fleet.installed(0) == {"pick": 1}
+
+
 def test_fleet_rollback_to_a_version_then_a_newer_publish_moves_on(fleet, packs, conf, capsys):
     run(fleet)
     for key in ("pick1", "pick2"):
         fleet.publish(packs[key], "*")
-        assert wait_until(lambda: versions(fleet, "pick") == [int(key[-1])] * 3, WAIT)
+        assert wait_until(lambda k=key: versions(fleet, "pick") == [int(k[-1])] * 3, WAIT)
     assert hub_cli.cli_rollback(["pick", "--to", "1", "--config", conf]) == 0
     assert wait_until(lambda: versions(fleet, "pick") == [1, 1, 1], WAIT)
     assert wait_until(lambda: all(states(fleet, s) == {"pick-1.kpk": "activated", "pick-2.kpk": "rolled_back"}
@@ -117,7 +138,7 @@ def test_fleet_rollback_to_one_group_only(fleet, packs, conf):
     run(fleet)
     for key in ("pick1", "pick2"):
         fleet.publish(packs[key], "*")
-        assert wait_until(lambda: versions(fleet, "pick") == [int(key[-1])] * 3, WAIT)
+        assert wait_until(lambda k=key: versions(fleet, "pick") == [int(k[-1])] * 3, WAIT)
     assert hub_cli.cli_rollback(["pick", "--to", "1", "--to-group", "b", "--config", conf]) == 0
     assert wait_until(lambda: versions(fleet, "pick")[1] == 1, WAIT)
     assert wait_until(lambda: states(fleet, S1).get("pick-2.kpk") == "rolled_back", WAIT)
@@ -129,7 +150,7 @@ def test_rollback_further_than_the_previous_version_is_rejected_with_why(fleet, 
     run(fleet, 1)
     for key in ("pick1", "pick2", "pick3"):
         fleet.publish(packs[key], "*")
-        assert wait_until(lambda: fleet.installed(0) == {"pick": int(key[-1])}, WAIT)
+        assert wait_until(lambda k=key: fleet.installed(0) == {"pick": int(k[-1])}, WAIT)
     hub_cli.cli_rollback(["pick", "--to", "1", "--config", conf])
     assert wait_until(lambda: states(fleet, S0).get("pick-1.kpk") == "rejected", WAIT)
     row = next(r for r in fleet.status() if r["station_id"] == S0)
@@ -153,6 +174,10 @@ def test_canary_publish_then_promote(fleet, packs, conf, capsys):
     assert groups["a"]["stations"] == 2 and groups["b"]["states"] == {"activated": 1}
     assert hub_cli.cli_status(["--config", conf]) == 0
     assert "pick-2.kpk               canary" in capsys.readouterr().out
+
+    snap = FleetView(fleet.hub_config, cache_s=0).snapshot()        # the status page's view
+    assert next(p for p in snap["packs"] if p["name"] == "pick-2.kpk")["rollout"] == "canary"
+    assert 'data-rollout="canary"' in render_html(snap)
 
     assert hub_cli.cli_promote(["pick", "--config", conf]) == 0
     assert wait_until(lambda: versions(fleet, "pick") == [2, 2, 2], WAIT)
@@ -189,3 +214,5 @@ def test_pack_installed_offline_shows_as_local(fleet, packs, conf, capsys):
     assert rows[S1]["packs"]["count@1"]["reason"] == "installed on the station, not delivered by this hub"
     assert hub_cli.cli_status(["--config", conf]) == 0
     assert "count@1: local" in capsys.readouterr().out
+    snap = FleetView(fleet.hub_config, cache_s=0).snapshot()
+    assert 'data-pack="count@1" data-state="local"' in render_html(snap)
