@@ -216,3 +216,24 @@ def test_pack_installed_offline_shows_as_local(fleet, packs, conf, capsys):
     assert "count@1: local" in capsys.readouterr().out
     snap = FleetView(fleet.hub_config, cache_s=0).snapshot()
     assert 'data-pack="count@1" data-state="local"' in render_html(snap)
+
+
+def test_promote_waits_for_the_canaries_and_non_canaries_cannot_fetch_early(fleet, packs, conf, capsys):
+    fleet.start_hub()
+    fleet.start_station(1)                                   # the canary (line1/s00) is not running
+    assert hub_cli.cli_publish([str(packs["pick1"]), "--to", "line1/*", "--canary", "1", "--config", conf]) == 0
+    with pytest.raises(HubOpError, match=r"canaries not activated yet: line1/s00 \(pending\)"):
+        hub_cli.cli_promote(["pick@1", "--config", conf])
+    db = HubDB(fleet.hub_config.db_path)
+    try:
+        assert [r.name for r in db.desired_for(S0, ["a"])] == ["pick-1.kpk"]
+        assert db.desired_for(S2, ["a"]) == [] and "pick-1.kpk" not in db.published_to(S2, ["a"])
+    finally:
+        db.close()
+    fleet.start_station(0)
+    assert wait_until(lambda: fleet.installed(0) == {"pick": 1}, WAIT)
+    assert wait_until(lambda: states(fleet, S0).get("pick-1.kpk") == "activated", WAIT)
+    assert hub_cli.cli_promote(["pick@1", "--config", conf]) == 0
+    fleet.start_station(2)
+    assert wait_until(lambda: fleet.installed(2) == {"pick": 1}, WAIT)
+    assert fleet.installed(1) == {}                          # line2 was never in the target
