@@ -83,7 +83,7 @@ def test_unpublish_a_version_takes_stations_back_and_unpublish_a_task_withdraws_
     assert wait_until(lambda: versions(fleet, "pick") == [1, 1, 1], WAIT)   # each store's previous version
     assert wait_until(lambda: all(states(fleet, s).get("pick-2.kpk") == "rolled_back" for s in (S0, S1, S2)), WAIT)
     assert states(fleet, S0)["pick-1.kpk"] == "activated"
-    assert all(d.stats.hub_rollbacks == 1 for d in fleet.daemons.values())
+    assert wait_until(lambda: all(d.stats.hub_rollbacks == 1 for d in fleet.daemons.values()), WAIT)
 
     assert hub_cli.cli_unpublish(["count", "--config", conf]) == 0
     db = HubDB(fleet.hub_config.db_path)
@@ -106,7 +106,7 @@ def test_unpublished_task_stops_being_served(fleet, packs, conf):
     assert wait_until(lambda: fleet.installed(0) == fleet.installed(1) == {"pick": 1, "count": 1}, WAIT)
     assert hub_cli.cli_unpublish(["count", "--config", conf]) == 0
     assert wait_until(lambda: fleet.installed(0) == fleet.installed(1) == {"pick": 1}, WAIT)
-    assert all(d.stats.hub_removals == 1 for d in fleet.daemons.values())
+    assert wait_until(lambda: all(d.stats.hub_removals == 1 for d in fleet.daemons.values()), WAIT)
     assert wait_until(lambda: next(r for r in fleet.status() if r["station_id"] == S1)["packs"]["count-1.kpk"]
                       == {"task_id": "count", "version": 1, "state": "unpublished", "reason": "unpublished at the hub"},
                       WAIT)
