@@ -14,7 +14,14 @@ import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaizen.runtime.config import _build, _check_endpoint, _check_positive, _check_station_id, _fail, _read_toml
+from kaizen.runtime.config import (
+    _build,
+    _check_endpoint,
+    _check_positive,
+    _check_station_id,
+    _fail,
+    _read_toml,
+)
 from kaizen.runtime.errors import ConfigError, KaizenError
 from kaizen.runtime.keys import load_curve_public
 from kaizen.runtime.metrics_http import check_listen_fields

@@ -162,15 +162,15 @@ def promote(db: HubDB, task_id: str, version: int | None = None, *, force: bool 
 
 
 def hold_on_report(db: HubDB, station_id: str, pack_name: str, state: str, reason: str) -> bool:
-    """A canary rejected the pack (failed golden probe, untrusted key, ...): hold its rollout.
-
-    Returns True when this report put the rollout on hold."""
-    if state != "rejected":
+    """A canary rejected the pack (failed golden probe, untrusted key, ...) or its operator rolled
+    it back locally: hold its rollout. Returns True when this report put the rollout on hold."""
+    if state not in ("rejected", "rolled_back"):
         return False
     r = db.rollouts().get(pack_name)
     if r is None or r["state"] != "canary" or station_id not in r["canary"]:
         return False
-    why = f"canary {station_id} rejected it: {reason}"[:1000]
+    what = "rejected it" if state == "rejected" else "rolled it back"
+    why = f"canary {station_id} {what}: {reason}"[:1000]
     with db.conn:
         db.conn.execute("UPDATE rollouts SET state = 'held', reason = ?, updated_at = ? WHERE pack_name = ?",
                         (why, time.time(), pack_name))

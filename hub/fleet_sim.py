@@ -20,14 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import AllowedStation, HubConfig
 from kaizen.runtime.daemon import FleetLink, StationDaemon
 from kaizen.runtime.keys import TrustedKeys, generate_curve_keypair, load_curve_keypair, load_curve_public
 from kaizen.runtime.store import PackStore
 
-from .server import Hub, HubFaults
 from .catalog import catalogue_pack, fleet_status
+from .config import AllowedStation, HubConfig
 from .db import HubDB
+from .server import Hub, HubFaults
 
 
 def free_port() -> int:

@@ -541,7 +541,7 @@ def cli_serve(argv: list[str]) -> int:
     server = InferenceServer(station, cfg.inference_endpoint)
     metrics = serve_station_metrics(cfg, station, server)   # Prometheus on metrics_listen; None when off
     server.start()
-    from .admin import AdminServer   # rollback / install for this user only (never tcp)
+    from .admin import AdminServer  # rollback / install for this user only (never tcp)
 
     admin = AdminServer(station, cfg.admin_endpoint).start()
     print(f"station {cfg.station_id}: inference on {server.endpoint}; admin on {admin.endpoint}; "

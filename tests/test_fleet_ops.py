@@ -237,3 +237,17 @@ def test_promote_waits_for_the_canaries_and_non_canaries_cannot_fetch_early(flee
     fleet.start_station(2)
     assert wait_until(lambda: fleet.installed(2) == {"pick": 1}, WAIT)
     assert fleet.installed(1) == {}                          # line2 was never in the target
+
+
+def test_a_local_rollback_on_a_canary_holds_the_rollout(fleet, packs, conf, capsys):
+    run(fleet, 2)
+    fleet.publish(packs["pick1"], "*")
+    assert wait_until(lambda: fleet.installed(0) == fleet.installed(1) == {"pick": 1}, WAIT)
+    assert hub_cli.cli_publish([str(packs["pick2"]), "--to", "*", "--canary", "1", "--config", conf]) == 0
+    assert wait_until(lambda: states(fleet, S0).get("pick-2.kpk") == "activated", WAIT)
+    fleet.store(0).rollback("pick")                          # what `kaizen station rollback pick` does
+    assert wait_until(lambda: status_all(conf, capsys)["rollouts"][0]["state"] == "held", WAIT)
+    assert "canary line1/s00 rolled it back" in status_all(conf, capsys)["rollouts"][0]["reason"]
+    with pytest.raises(HubOpError, match="held"):
+        hub_cli.cli_promote(["pick", "--config", conf])
+    assert fleet.installed(1) == {"pick": 1}
