@@ -367,9 +367,9 @@ class StationDaemon:
         task, version = entry["task_id"], entry["version"]
         previous = previous_of(self.installer, task)
         if previous != version or not callable(getattr(self.installer, "rollback", None)):
+            kept = "no previous version" if previous is None else f"only v{previous} as the previous one"
             self._reject_for_good(entry, f"cannot roll {task} back from v{current} to v{version}: this station keeps "
-                                         f"only {'no version' if previous is None else f'v{previous}'} as the "
-                                         "previous one; publish a new version with the old contents instead")
+                                         f"{kept}; publish a new version with the old contents instead")
             return
         try:
             self.installer.rollback(task)
