@@ -2,7 +2,9 @@
 promote, automatic hold when a canary rejects, and packs installed offline shown as `local`.
 
 A hub and three station daemons run as threads (hub/fleet_sim.py), driven through the
-`kaizen hub ...` / `kaizen fleet status` command functions. Every wait is bounded.
+`kaizen hub ...` / `kaizen fleet status` command functions. Every wait is bounded. The last
+test runs real Stations on the tiny base (golden probe, Station.rollback; ~30 s with the base
+build, shared with the other tests of a session).
 Stations: line1/s00 (group a), line2/s01 (group b), line1/s02 (group a).
 """
 
@@ -251,3 +253,74 @@ def test_a_local_rollback_on_a_canary_holds_the_rollout(fleet, packs, conf, caps
     with pytest.raises(HubOpError, match="held"):
         hub_cli.cli_promote(["pick", "--config", conf])
     assert fleet.installed(1) == {"pick": 1}
+
+
+# ---------------------------------------------------------------- real stations (tiny base)
+
+
+def _station_pack(path, engine, signer, task, version, seed, golden_answer=None):
+    """A pack that fits the tiny-llama bundle; with golden_answer, one golden sample expecting it."""
+    import numpy as np
+
+    from kaizen.runtime.pack import build_pack
+    from kaizen.runtime.pack_arrays import GoldenSample
+    from kaizen.runtime.testpacks import tiny_png
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    instruction = "Is the seal torn?"
+    key = engine.clip_image([image])[0] + engine.clip_text([instruction])[0]
+    lora = {n: (rng.standard_normal((2, s[1]) if n.endswith(".A") else (s[0], 2)) * 0.3).astype(np.float32)
+            for n, s in engine.lora_shapes.items()}
+    golden = [] if golden_answer is None else [GoldenSample(tiny_png(seed, 16), instruction, golden_answer)]
+    build_pack(path, task_id=task, version=version, method="kaizen", base_fingerprint=engine.bundle.fingerprint,
+               prompt=(rng.standard_normal((4, engine.embed.shape[1])) * 0.5).astype(np.float32),
+               key=(key / np.linalg.norm(key)).astype(np.float32), text_emb=engine.clip_text([instruction]),
+               lora=lora, instructions=[instruction], answers=["yes", "no"], golden=golden, signing_key=signer,
+               lora_rank=2)
+    return path
+
+
+def test_real_stations_roll_back_from_the_hub_and_a_failed_golden_probe_holds_the_canary(tiny_llama, tmp_path,
+                                                                                        capsys):
+    from kaizen.runtime.daemon import StationDaemon
+    from kaizen.runtime.station import Station
+
+    signer = generate_signing_key()
+    trusted = TrustedKeys([signer.public_key()])
+    stations = [Station(tiny_llama[1], tmp_path / f"store{i}", trusted) for i in range(2)]
+    fp = stations[0].bundle.fingerprint
+    fleet = Fleet(tmp_path / "fleet", 2, trusted, fp, chunk_size=64 * 1024, groups={S0: ["a"], S1: ["b"]})
+    conf = str(write_hub_toml(fleet, tmp_path / "hub.toml"))
+    e = stations[0].engine
+    seal = {v: _station_pack(tmp_path / f"seal-{v}.kpk", e, signer, "seal", v, v) for v in (1, 2)}
+    broken = _station_pack(tmp_path / "seal-3.kpk", e, signer, "seal", 3, 3, golden_answer="definitely-not")
+
+    def running():
+        return [{i["task_id"]: i["version"] for i in s.installed()} for s in stations]
+
+    try:
+        fleet.start_hub()
+        for i, station in enumerate(stations):
+            fleet.daemons[fleet.station_ids[i]] = StationDaemon(fleet.link(i), station).start()
+        for v in (1, 2):
+            fleet.publish(seal[v], "*")
+            assert wait_until(lambda v=v: running() == [{"seal": v}] * 2, 60.0), running()
+        assert hub_cli.cli_rollback(["seal", "--to", "1", "--config", conf]) == 0
+        assert wait_until(lambda: running() == [{"seal": 1}] * 2, WAIT)
+        for i in range(2):                                   # remembered like `kaizen station rollback`
+            assert json.loads((tmp_path / f"store{i}" / "rolled_back.json").read_text()) == {"seal": [2]}
+        assert wait_until(lambda: states(fleet, S1) == {"seal-1.kpk": "activated", "seal-2.kpk": "rolled_back"},
+                          WAIT)
+
+        assert hub_cli.cli_publish([str(broken), "--to", "*", "--canary-group", "a", "--config", conf]) == 0
+        assert wait_until(lambda: status_all(conf, capsys)["rollouts"][0]["state"] == "held", 60.0)
+        reason = status_all(conf, capsys)["rollouts"][0]["reason"]
+        assert "canary line1/s00 rejected it" in reason and "golden probe failed" in reason
+        with pytest.raises(HubOpError, match="held"):
+            hub_cli.cli_promote(["seal", "--config", conf])
+        assert running() == [{"seal": 1}] * 2 and "seal-3.kpk" not in states(fleet, S1)
+    finally:
+        fleet.close()
+        for station in stations:
+            station.close()
