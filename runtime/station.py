@@ -116,6 +116,13 @@ class Station:
             self.metrics.pack_rolled_back(task_id)
         return manifest
 
+    def remove(self, task_id: str):
+        """Stop serving a task (the hub unpublished it): it leaves the store and the selection."""
+        with self._lock:
+            manifest = self.store.remove(task_id)
+            self._snap = self._snapshot()
+        return manifest
+
     def reload_keys(self, trusted_keys: TrustedKeys) -> dict[str, list[str]]:
         """Apply a new trusted-key list now: packs signed by a removed key stop being served
         (status() says why), packs whose key is trusted again come back. Returns what moved."""

@@ -292,6 +292,25 @@ class PackStore:
             fault("rollback_pruned")
             return loaded.manifest
 
+    def remove(self, task: str) -> Manifest | None:
+        """Stop serving `task` (the hub unpublished it): drop it from active.json (the one atomic
+        switch), then delete its version folders. Returns the manifest that was active."""
+        with self._lock:
+            if task not in self._state.table:
+                raise PackError(f"pack store {self.root}: task {task!r} is not installed")
+            table = _thaw(self._state.table)
+            del table[task]
+            removed = self._state.packs.get(task)
+            try:
+                write_table(self.root, table, "remove_")
+                packs = {t: p for t, p in self._state.packs.items() if t != task}
+                inactive = {t: r for t, r in self._state.inactive.items() if t != task}
+                self._state = _State(_freeze(table), MappingProxyType(packs), MappingProxyType(inactive))
+                prune_task(self.root, task, table)
+            except OSError as err:
+                raise PackError(f"pack store {self.root}: removing {task} failed ({err.strerror or err})") from err
+            return removed.manifest if removed is not None else None
+
     def close(self) -> None:
         """Release the store's lock file (the in-memory snapshot stays readable)."""
         self._file_lock.release()

@@ -151,6 +151,21 @@ def test_rollback_and_its_limits(tmp_path, store, packs, trusted):
         assert again.install_report(packs[("pick", 3)]).status == "unchanged"
 
 
+def test_remove_a_task_the_hub_unpublished(store, packs, trusted):
+    store.install(packs[("pick", 1)])
+    store.install(packs[("pick", 2)])
+    store.install(packs[("bend", 1)])
+    assert store.remove("pick").version == 2
+    assert versions(store) == {"bend": 1}
+    assert not (store.root / "packs" / "pick").exists()
+    with pytest.raises(PackError, match="task 'pick' is not installed"):
+        store.remove("pick")
+    store.close()
+    with PackStore(store.root, trusted, FP) as again:  # the removal survives a restart
+        assert versions(again) == {"bend": 1}
+        assert again.install_report(packs[("pick", 3)]).status == "installed"  # published again later
+
+
 def test_failed_probe_leaves_the_active_set_unchanged(store, packs):
     store.install(packs[("pick", 1)])
     before = Unchanged(store)
