@@ -268,8 +268,8 @@ def main() -> None:
     if a.large_packs is None:
         a.large_packs = 0 if q else 4
 
-    from kaizen.runtime.keys import TrustedKeys, generate_signing_key
     from kaizen.hub.fleet_sim import FleetFaults
+    from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 
     work = WORK / "delivery"
     work.mkdir(parents=True, exist_ok=True)

@@ -41,9 +41,9 @@ from pathlib import Path
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load, write_report  # noqa: E402
+from common import load, write_report
 
-from kaizen.runtime.protocol import PROTOCOL_VERSION, Message  # noqa: E402
+from kaizen.runtime.protocol import PROTOCOL_VERSION, Message
 
 REPLY_WAIT_MS = 2000
 PROBE_EVERY = 250
@@ -262,7 +262,7 @@ def _png_header(w, h) -> bytes:
     import zlib
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load, write_report  # noqa: E402
+from common import load, write_report
 
-from kaizen.hub.db import HubDB, PackRecord  # noqa: E402
-from kaizen.hub.fleet_sim import Fleet, wait_until  # noqa: E402
-from kaizen.runtime import pack as P  # noqa: E402
-from kaizen.runtime import store_disk  # noqa: E402
-from kaizen.runtime.keys import TrustedKeys, generate_signing_key  # noqa: E402
-from kaizen.runtime.pack_arrays import npy_bytes, npz_bytes  # noqa: E402
-from kaizen.runtime.tarsafe import read_members, tar_bytes  # noqa: E402
-from kaizen.runtime.testpacks import write_test_pack  # noqa: E402
+from kaizen.hub.db import HubDB, PackRecord
+from kaizen.hub.fleet_sim import Fleet, wait_until
+from kaizen.runtime import pack as P
+from kaizen.runtime import store_disk
+from kaizen.runtime.keys import TrustedKeys, generate_signing_key
+from kaizen.runtime.pack_arrays import npy_bytes, npz_bytes
+from kaizen.runtime.tarsafe import read_members, tar_bytes
+from kaizen.runtime.testpacks import write_test_pack
 
 FP = "fuzz-packs-base"
 

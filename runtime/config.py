@@ -93,7 +93,7 @@ class StationConfig:
         if self.inference_endpoint.startswith("ipc://@"):
             raise _fail(src, "inference_endpoint", "abstract sockets (ipc://@name) have no file "
                         "permissions: use ipc:///PATH in a private folder")
-        from .admin import check_admin_endpoint   # admin tcp/abstract refused, path length
+        from .admin import check_admin_endpoint  # admin tcp/abstract refused, path length
         try:
             check_admin_endpoint(self.admin_endpoint)
         except ConfigError as err:
@@ -122,7 +122,7 @@ class StationConfig:
             raise _fail(src, "threads", f"{self.threads!r} must be an integer >= 0 (0 = ONNX Runtime's choice)")
         if self.credit > 64:
             raise _fail(src, "credit", f"{self.credit} is too large (at most 64 chunks in flight)")
-        from .metrics_http import check_listen_fields   # metrics_listen loopback unless allowed, log_format
+        from .metrics_http import check_listen_fields  # metrics_listen loopback unless allowed, log_format
         check_listen_fields(src, self, "metrics")
 
 

@@ -45,7 +45,7 @@ def check_local_endpoint(endpoint: str, allow_remote: bool = False) -> None:
     if not sep or scheme not in ("ipc", "inproc", "tcp") or not rest:
         raise ConfigError(f"inference endpoint {endpoint!r} must be ipc://PATH or "
                           "tcp://127.0.0.1:PORT")
-    if scheme == "ipc" and (rest.startswith("@") or rest.startswith("\0")):
+    if scheme == "ipc" and rest.startswith(("@", "\0")):
         raise ConfigError(f"endpoint {endpoint!r} is an abstract socket, which has no file "
                           "permissions (any local user can bind or connect it): use "
                           "ipc:///PATH in a private folder")
@@ -203,7 +203,7 @@ class InferenceServer:
             sock.send_multipart([*envelope, *reply_frames], flags=zmq.NOBLOCK)
         except zmq.Again:
             self._drop("dropped a reply: the peer is gone or not reading")
-        except Exception:  # noqa: BLE001 - the loop must outlive any one message
+        except Exception:
             log.exception("%s: dropped a message that could not be answered", self.thread_name)
             self._drop(None)
 
@@ -226,7 +226,7 @@ class InferenceServer:
             else:
                 reply = self._dispatch(request)
             frames = reply.encode()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             # The one broad catch: whatever a backend does wrong (a bug, a result that is not
             # JSON), the endpoint must answer and keep serving the line. Logged with traceback.
             log.exception("%s: unexpected error answering %s", self.thread_name,

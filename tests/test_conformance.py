@@ -21,13 +21,13 @@ from kaizen.runtime.errors import InputError, PackError
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key, load_curve_keypair, load_curve_public
 
 SPEC = (Path(__file__).resolve().parents[1] / "runtime" / "PROTOCOL.md").read_text()
-VERSION = int(re.search(r"^# Kaizen wire protocol, version (\d+)$", SPEC, re.M).group(1))
+VERSION = int(re.search(r"^# Kaizen wire protocol, version (\d+)$", SPEC, re.MULTILINE).group(1))
 ERROR_TABLE = SPEC[SPEC.index("| code | meaning |"):]
 ERROR_TABLE = ERROR_TABLE[:ERROR_TABLE.index("\n\n")]
-SPEC_CODES = set(re.findall(r"^\| `([a-z_]+)` \|", ERROR_TABLE, re.M))
-HEADER_FIELDS = re.findall(r"^  \| `([a-z_]+)` \| (?:int|string|number|list|string or null) \|", SPEC, re.M)
+SPEC_CODES = set(re.findall(r"^\| `([a-z_]+)` \|", ERROR_TABLE, re.MULTILINE))
+HEADER_FIELDS = re.findall(r"^  \| `([a-z_]+)` \| (?:int|string|number|list|string or null) \|", SPEC, re.MULTILINE)
 MSG_ROWS = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z_]+)` \| (?:inference|admin|fleet|both) \|.*$",
-                                                        SPEC, re.M)}
+                                                        SPEC, re.MULTILINE)}
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
 
@@ -149,9 +149,9 @@ def test_req_delimiter_is_echoed(endpoint):
 
 
 def test_client_timeout_code(tmp_path):
-    with InferenceClient(f"ipc://{tmp_path}/nobody.ipc", timeout_ms=200) as client:
-        with pytest.raises(Exception) as err:
-            client.status()
+    with InferenceClient(f"ipc://{tmp_path}/nobody.ipc", timeout_ms=200) as client, \
+            pytest.raises(Exception) as err:
+        client.status()
     assert err.value.code == "timeout"
 
 
@@ -239,14 +239,14 @@ def test_every_error_code_of_the_spec_is_produced(endpoint, hub_fleet, tmp_path)
     assert SPEC_CODES, "the spec's error table was not found"
     seen = set()
     for request_frames, _ in ENDPOINT_CASES:
-        header, body = ask(endpoint, request_frames)
+        _header, body = ask(endpoint, request_frames)
         seen.add(body.get("error"))
     for request_frames, _ in HUB_CASES:
         replies = hub_ask(hub_fleet, request_frames)
         seen.add(replies[0][1].get("error") if replies else None)
-    with InferenceClient(f"ipc://{tmp_path}/nobody.ipc", timeout_ms=100) as client:
-        with pytest.raises(Exception) as err:
-            client.status()
+    with InferenceClient(f"ipc://{tmp_path}/nobody.ipc", timeout_ms=100) as client, \
+            pytest.raises(Exception) as err:
+        client.status()
     seen.add(err.value.code)
     CODES_SEEN = seen - {None}
     missing = SPEC_CODES - CODES_SEEN

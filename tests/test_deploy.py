@@ -24,8 +24,8 @@ from unittest import mock
 
 import pytest
 
-from kaizen.runtime.cli import COMMANDS, load_target, main, resolve
 from kaizen.hub.config import load_hub_config
+from kaizen.runtime.cli import COMMANDS, load_target, main, resolve
 from kaizen.runtime.config import load_station_config
 from kaizen.runtime.errors import ExtraMissingError
 

@@ -10,6 +10,9 @@ import random
 import pytest
 import zmq
 
+from kaizen.hub import cli as hub_cli
+from kaizen.hub.db import HubDB
+from kaizen.hub.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
 from kaizen.runtime.fetcher import Transfer
 from kaizen.runtime.keys import (
     TrustedKeys,
@@ -19,9 +22,6 @@ from kaizen.runtime.keys import (
     load_curve_public,
 )
 from kaizen.runtime.protocol import Message, decode
-from kaizen.hub import cli as hub_cli
-from kaizen.hub.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
-from kaizen.hub.db import HubDB
 
 FP = "test-base-fp"
 WAIT = 20.0

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
+from kaizen.hub.fleet_sim import Fleet, FleetFaults, make_test_packs, run_fleet, wait_until
+from kaizen.hub.server import HubFaults
 from kaizen.runtime.endpoint import InferenceClient, InferenceServer
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 from kaizen.runtime.outbox import Outbox
-from kaizen.hub.fleet_sim import Fleet, FleetFaults, make_test_packs, run_fleet, wait_until
-from kaizen.hub.server import HubFaults
 
 FP = "test-base-fp"
 WAIT = 30.0

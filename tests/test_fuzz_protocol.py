@@ -7,6 +7,7 @@ derandomize=True: the same examples on every run, so CI is deterministic.
 """
 
 import json
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -269,7 +269,6 @@ def test_station_install_without_a_running_station_uses_the_store(tmp_path, monk
 
 
 def test_input_error_still_bad_input(served):
-    with InferenceClient(served.endpoint, timeout_ms=3000) as client:
-        with pytest.raises(Exception) as err:
-            client.infer(PNG, "   ")
+    with InferenceClient(served.endpoint, timeout_ms=3000) as client, pytest.raises(Exception) as err:
+        client.infer(PNG, "   ")
     assert err.value.code == "bad_input"

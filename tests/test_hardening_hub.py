@@ -19,8 +19,13 @@ from kaizen.hub.db import MAX_REASON_CHARS, HubDB
 from kaizen.hub.fleet_sim import Fleet, make_test_packs, wait_until, write_hub_toml
 from kaizen.hub.server import FETCHES_KEPT, Hub
 from kaizen.runtime.errors import ConfigError, PackError
-from kaizen.runtime.keys import TrustedKeys, generate_signing_key, load_curve_keypair, load_curve_public, \
-    save_signing_key
+from kaizen.runtime.keys import (
+    TrustedKeys,
+    generate_signing_key,
+    load_curve_keypair,
+    load_curve_public,
+    save_signing_key,
+)
 from kaizen.runtime.protocol import Message, decode
 
 FP = "test-base-fp"
@@ -238,7 +243,7 @@ def test_allow_list_reloads_on_file_change_and_on_request(fleet, tmp_path):
     path = write_hub_toml(fleet, tmp_path / "hub.toml")
     full = path.read_text()
     first, _, rest = full.partition("[[stations]]")
-    station0, _, station1 = rest.partition("[[stations]]")
+    station0, _, _station1 = rest.partition("[[stations]]")
     path.write_text(first + "[[stations]]" + station0)           # station1 not allow-listed yet
     hub = Hub(load_hub_config(path))
     hub.start()

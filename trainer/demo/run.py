@@ -189,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-test", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="training epochs per task (default: 30 on real-fast, 10 on tiny-llama)")
     a = ap.parse_args(argv)
     from ..train import Shared
     from .report import write_report
 
+    if a.epochs is None:  # measured: real-fast underfits at 10 epochs (seal 82 % vs 97 % at 30)
+        a.epochs = 30 if a.base == "real-fast" else 10
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
