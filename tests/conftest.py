@@ -73,6 +73,14 @@ def real_fast(tiny_root) -> tuple[Path, Path]:
     return _BASES["real-fast"]
 
 
+@pytest.fixture(scope="session")
+def signing_key():
+    """One Ed25519 signing key for the fleet tests' packs."""
+    from kaizen.runtime.keys import generate_signing_key
+
+    return generate_signing_key()
+
+
 @pytest.fixture
 def bundle_copy(tiny_llama, tmp_path) -> Path:
     """A private copy of the tiny-llama bundle that a test may damage."""

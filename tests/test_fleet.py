@@ -27,10 +27,6 @@ FP = "test-base-fp"
 WAIT = 20.0
 
 
-@pytest.fixture(scope="module")
-def signing_key():
-    return generate_signing_key()
-
 
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory, signing_key):

@@ -15,17 +15,13 @@ import pytest
 from kaizen.hub.fleet_sim import Fleet, FleetFaults, make_test_packs, run_fleet, wait_until
 from kaizen.hub.server import HubFaults
 from kaizen.runtime.endpoint import InferenceClient, InferenceServer
-from kaizen.runtime.keys import TrustedKeys, generate_signing_key
+from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.outbox import Outbox
 
 FP = "test-base-fp"
 WAIT = 30.0
 CHUNK = 32 * 1024
 
-
-@pytest.fixture(scope="module")
-def signing_key():
-    return generate_signing_key()
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,6 @@ WAIT = 20.0
 S0, S1, S2 = "line1/s00", "line2/s01", "line1/s02"
 
 
-@pytest.fixture(scope="module")
-def signing_key():
-    return generate_signing_key()
-
 
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory, signing_key):

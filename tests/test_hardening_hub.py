@@ -31,10 +31,6 @@ from kaizen.runtime.protocol import Message, decode
 FP = "test-base-fp"
 
 
-@pytest.fixture(scope="module")
-def signing_key():
-    return generate_signing_key()
-
 
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory, signing_key):

