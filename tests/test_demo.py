@@ -48,6 +48,12 @@ def test_demo_end_to_end_small(tmp_path):
         assert (report / png).stat().st_size > 5000
     text = (report / "report.md").read_text()
     assert "Kaizen Edge demo report" in text and "Base `real-fast`" in text
+    ops = data["operations"]  # canary -> promote, fleet rollback, offline install, status page + metrics
+    assert ops["canary"]["waiting_before_promote"] and ops["fleet_rollback"]["to_version"] == 1
+    assert ops["offline_install"]["hub_shows_local_s"] >= 0 and ops["status_page"]["metrics_lines"] > 10
+    assert "Operating the plant" in text and "hub_metrics.txt" in text
+    if Path("/usr/bin/chromium").exists():
+        assert ops["status_page"]["screenshot"] == "status.png" and (report / "status.png").stat().st_size > 5000
     # no hub/station process outlives the demo (they run with their cwd in WORK/fleet)
     assert not _processes_in(work), "demo left processes behind"
 

@@ -59,6 +59,9 @@ class DemoFleet:
         self.work, self.bundle, self.n, self.log = Path(work), Path(bundle_dir), n_stations, log
         self.procs: list[subprocess.Popen] = []
         self.hub_port, self.pub_port = free_port(), free_port()
+        self.status_port, self.metrics_port = free_port(), free_port()
+        self.status_url = f"http://127.0.0.1:{self.status_port}/"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.signing_key = self.work / "keys" / f"{SIGNER}.ed25519.key"
         self.endpoints = [f"ipc://{self.work / f'station-{i}.ipc'}" for i in range(n_stations)]
 
@@ -71,7 +74,8 @@ class DemoFleet:
         (w / "hub.toml").write_text(
             f'bind = "tcp://127.0.0.1:{self.hub_port}"\npub_bind = "tcp://127.0.0.1:{self.pub_port}"\n'
             'public_key_file = "keys/hub.pub"\nsecret_key_file = "keys/hub.key"\npacks_dir = "hub/packs"\n'
-            f'db_path = "hub/hub.sqlite"\n{allow}')
+            f'db_path = "hub/hub.sqlite"\nstatus_listen = "127.0.0.1:{self.status_port}"\n'
+            f'metrics_listen = "127.0.0.1:{self.metrics_port}"\n{allow}')
         for i in range(self.n):
             (w / f"station-{i}.toml").write_text(
                 f'station_id = "{station_id(i)}"\nhub_endpoint = "tcp://127.0.0.1:{self.hub_port}"\n'

@@ -118,8 +118,28 @@ def _base_line(bundle: Path) -> str:
     return BASE_LINES.get(preset, f"Base `{preset}`")
 
 
+def operations_lines(ops: dict | None) -> list[str]:
+    """The report's "Operating the plant" section (trainer/demo/operations.py)."""
+    if not ops:
+        return []
+    c, r, o, st = ops["canary"], ops["fleet_rollback"], ops["offline_install"], ops["status_page"]
+    shot = ["![hub status page](status.png)", ""] if st["screenshot"] == "status.png" else \
+        [f"Status page screenshot: {st['screenshot']}.", ""]
+    return ["## Operating the plant", "",
+            f"- canary rollout: `{c['task']}` v2 published with `--canary 1`: active on the canary after "
+            f"{c['canary_s']} s while {', '.join(c['waiting_before_promote']) or 'no station'} waited; "
+            f"`kaizen hub promote`: on every station {c['promoted_s']} s later.",
+            f"- fleet rollback: `kaizen hub rollback {r['task']} --to {r['to_version']}`: every station "
+            f"serves v{r['to_version']} again after {r['all_stations_s']} s.",
+            f"- offline install: `kaizen station install {o['task']}-2.kpk` on station {o['station']} "
+            f"({o['install_s']} s, same checks as a delivered pack); the hub shows it `local` after "
+            f"{o['hub_shows_local_s']} s.",
+            f"- the hub's status page ({st['status_url']}) and Prometheus metrics ({st['metrics_url']}: "
+            f"{st['metrics_lines']} samples, saved as hub_metrics.txt).", "", *shot]
+
+
 def write_report(out: Path, kaizen: dict, baselines: dict, parts: dict, timeline: list[dict], bundle: Path,
-                 stages: dict) -> Path:
+                 stages: dict, operations: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     base_bytes = sum(f.stat().st_size for f in Path(bundle).iterdir() if f.is_file())
     runs = {"kaizen": kaizen, **baselines}
@@ -156,10 +176,12 @@ def write_report(out: Path, kaizen: dict, baselines: dict, parts: dict, timeline
         "![accuracy matrix](matrix.png)", "", "![metrics](metrics.png)", "",
         "## Delivery and latency", "",
         "![delivery timeline](delivery.png)", "", "![latency](latency.png)", "", "![pack sizes](pack_sizes.png)", "",
+        *operations_lines(operations),
         "## Time", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in stages.items()], "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(
         {"stages": stages, "parts": {k: v for k, v in parts.items() if k != "rows"}, "timeline": timeline,
-         "base_bytes": base_bytes, "metrics": {n: r["metrics"] for n, r in runs.items()}}, indent=2))
+         "base_bytes": base_bytes, "metrics": {n: r["metrics"] for n, r in runs.items()},
+         "operations": operations}, indent=2))
     return out / "report.md"

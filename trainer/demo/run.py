@@ -29,6 +29,7 @@ from kaizen.runtime.errors import KaizenError
 from .. import checkpoint as ck
 from ..progress import progress
 from .fleet import DemoFleet
+from .operations import plant_operations
 
 STAGES: dict[str, float] = {}
 
@@ -224,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         stage("test parts at the stations", t0)
         log(f"stations: accuracy {parts['accuracy']:.1f}%, selection {parts['selection']:.1f}%, "
             f"agreement with the trainer {parts['agreement']:.1f}% over {parts['parts']} parts")
+        t0 = time.perf_counter()
+        operations = plant_operations(fleet, delivery, run, results["stream"], Path(a.report), log)
+        stage("plant operations (canary, fleet rollback, offline install, status page)", t0)
     t0 = time.perf_counter()
     baselines = {m: run_method(m, base, work, a, shared) for m in filter(None, a.baselines.split(","))}
     stage("baselines", t0)
     STAGES["total"] = round(time.perf_counter() - start, 1)
-    out = write_report(Path(a.report), results, baselines, parts, delivery.timeline, bundle, STAGES)
+    out = write_report(Path(a.report), results, baselines, parts, delivery.timeline, bundle, STAGES, operations)
     log(f"report: {out}  (demo took {STAGES['total']:.0f} s)")
     if parts["agreement"] < 100.0:
         raise KaizenError(f"stations disagree with the trainer on {100 - parts['agreement']:.1f}% of parts; "
