@@ -75,3 +75,19 @@ def test_trainer_command_without_extra_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "kaizen.trainer.bases", raising=False)
     with pytest.raises(cli.ExtraMissingError, match=r"kaizen-edge\[trainer\]"):
         cli.load_target("kaizen.trainer.bases:cli_init")
+
+
+@pytest.mark.slow
+def test_hub_extra_alone_serves_a_fleet(tmp_path):
+    """`pip install '.[hub]'` into a fresh venv (no torch, no trainer deps): the fleet tests (a hub
+    and station daemons on loopback) pass with that install alone."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[hub]", "pytest"], check=True, timeout=900)
+    gone = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+                          capture_output=True, text=True, check=True)
+    assert gone.stdout.strip() == "True", "the [hub] extra pulled in torch"
+    run = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fleet.py"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
