@@ -89,5 +89,5 @@ def test_hub_extra_alone_serves_a_fleet(tmp_path):
                           capture_output=True, text=True, check=True)
     assert gone.stdout.strip() == "True", "the [hub] extra pulled in torch"
     run = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fleet.py"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
