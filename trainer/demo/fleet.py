@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +66,9 @@ class DemoFleet:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.signing_key = self.work / "keys" / f"{SIGNER}.ed25519.key"
         self.endpoints = [f"ipc://{self.work / f'station-{i}.ipc'}" for i in range(n_stations)]
+        # the stations' private socket folders: short (a unix socket path has at most 107 bytes,
+        # which a deep --work folder would exceed), 0700 from mkdtemp, removed at stop()
+        self.run_root = Path(tempfile.mkdtemp(prefix="kaizen-demo-"))
 
     # --- files ----------------------------------------------------------------------------------
     def write_configs(self) -> None:
@@ -86,6 +91,7 @@ class DemoFleet:
                 f'state_dir = "stations/{i}/fleet"\ninference_endpoint = "{self.endpoints[i]}"\n'
                 # every test part is one of the stream's: answered, so the stations can be compared
                 # with the trainer part by part (no-match is measured by bench/selection.py)
+                f'runtime_dir = "{self.run_root / f"s{i}"}"\n'
                 'threshold = 0.0\ncalibrated_threshold = false\ntop_k = 3\nheartbeat_s = 1.0\nhub_timeout_s = 5.0\n')
         (w / "hub").mkdir(exist_ok=True)
 
@@ -139,6 +145,7 @@ class DemoFleet:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
         self.procs = []
+        shutil.rmtree(self.run_root, ignore_errors=True)
 
     def __enter__(self) -> DemoFleet:  # noqa: PYI034
         return self.start()
