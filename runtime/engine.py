@@ -84,13 +84,13 @@ class Engine:
         query = None if self.aligned else normalise(out[1].astype(np.float32))
         return out[0], query
 
-    def queries(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Selection queries (q_img [B, d_img], q_txt [B, d_txt], unit) and, when the image query came
-        from the base's own vision pass, that pass's image rows (reuse them: no second pass)."""
+    def image_queries(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+        """Unit image queries [B, d_img], plus the image rows [B, N, d_model] when the query came from
+        the base's own vision pass (reuse them for decoding: no second pass), else None."""
         if self.aligned:
-            return self.clip_image(images), self.text_query(texts), None
+            return self.clip_image(images), None
         feats, q_img = self.vision_pass(images)
-        return q_img, self.text_query(texts), feats
+        return q_img, feats
 
     def text_query(self, texts: list[str]) -> np.ndarray:
         """Unit text queries [n, d_txt] of instructions (CLIP text tower or sentence encoder)."""

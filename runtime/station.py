@@ -198,13 +198,6 @@ class Station:
         own = pack.manifest.metrics.get("selection_threshold") if self.calibrated else None
         return max(self.threshold, float(own)) if isinstance(own, (int, float)) else self.threshold
 
-    def _image_queries(self, rgb) -> tuple[np.ndarray, np.ndarray | None]:
-        """Unit image queries, plus the image rows when they came from the base's own vision pass."""
-        if self.engine.aligned:
-            return self.engine.clip_image(rgb), None
-        feats, q_img = self.engine.vision_pass(rgb)
-        return q_img, feats
-
     def infer(self, image, instruction: str, task: str | None = None) -> dict:
         return self.infer_batch([image], [instruction], [task])[0]
 
@@ -223,7 +216,7 @@ class Station:
         if not snap.packs:
             return [self._no_match({}, "no task packs are installed") for _ in range(n)]
         t1 = time.perf_counter()
-        q_img, feats = self._image_queries(rgb)
+        q_img, feats = self.engine.image_queries(rgb)
         s = scores(q_img, self._text_queries(snap, instructions), snap.keys, self.alpha)
         order = top_k(s, self.top_k)
         t2 = time.perf_counter()
@@ -237,9 +230,9 @@ class Station:
                     raise InputError(f"task {tasks[b]!r} is not installed here (installed: {names})")
                 forced = names.index(tasks[b])
                 chosen = [forced] + [i for i in chosen if i != forced][: self.top_k - 1]
-            elif s[b, chosen[0]] < self._floor(snap.packs[chosen[0]]):
+            elif s[b, chosen[0]] < (floor := self._floor(snap.packs[chosen[0]])):
                 results[b] = self._no_match(self._scores(names, s[b]), f"best score {s[b, chosen[0]]:.3f} is below "
-                                            f"the threshold {self._floor(snap.packs[chosen[0]]):.3f}")
+                                            f"the threshold {floor:.3f}")
                 continue
             groups.setdefault(tuple(chosen), []).append(b)
         for chosen, rows in groups.items():
