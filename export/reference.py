@@ -31,6 +31,19 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
 
+def tower_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower alone -> (the rows the projector takes [B, N, d_vision], pooled output
+    [B, d_vision]): LlavaModel.get_image_features's feature layer and CLS rule, for one layer."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = inner.config
+    assert isinstance(cfg.vision_feature_layer, int), "multi-layer vision features are not supported"
+    out = inner.model.vision_tower(pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return feats, out.pooler_output
+
+
 def vision_pass(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ONE vision-tower pass -> (image rows [B, N, d_model], pooled image query [B, d_vision]).
 
@@ -39,13 +52,8 @@ def vision_pass(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.
     the image query of unaligned query encoders, so a station needs no second image tower.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = inner.config
-    assert isinstance(cfg.vision_feature_layer, int), "multi-layer vision features are not supported"
-    out = inner.model.vision_tower(pixel_values, output_hidden_states=True)
-    feats = out.hidden_states[cfg.vision_feature_layer]
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
-    return inner.model.multi_modal_projector(feats), out.pooler_output
+    feats, pooled = tower_features(inner, pixel_values)
+    return inner.model.multi_modal_projector(feats), pooled
 
 
 def request_rows(model, base: Base, image_feats: torch.Tensor, instructions: list[str],

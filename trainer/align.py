@@ -12,14 +12,13 @@ Writes the weights back, pretrain.json (loss curve, held-out accuracy before/aft
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from kaizen.export.reference import tower_features
 from kaizen.runtime.preprocess import preprocess_batch
 
 from .progress import progress
@@ -27,23 +26,18 @@ from .progress import progress
 
 @torch.no_grad()
 def tower_rows(base, samples, chunk: int = 32) -> torch.Tensor:
-    """Frozen vision-tower patch features [n, N, d_vision] (before the projector), fp16 to save memory."""
-    cfg = base.model.config
+    """Frozen vision-tower features the projector takes [n, N, d_vision], fp16 to save memory."""
     out = []
     for i in progress(range(0, len(samples), chunk), desc="vision features"):
         px = torch.from_numpy(preprocess_batch([s.load_image() for s in samples[i:i + chunk]], base.preprocess))
-        hidden = base.model.model.vision_tower(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-        out.append((hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden).half())
+        out.append(tower_features(base.model, px)[0].half())
     return torch.cat(out)
 
 
 def _loss(base, samples, rows: torch.Tensor) -> torch.Tensor:
-    from .pretrain import vlm_batch
+    from .pretrain import vlm_loss
 
-    feats = base.model.model.multi_modal_projector(rows.float())
-    emb, mask, lab = vlm_batch(base, samples, feats=feats)
-    logits = base.model(inputs_embeds=emb, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    return vlm_loss(base, samples, feats=base.model.model.multi_modal_projector(rows.float()))
 
 
 @torch.no_grad()
@@ -68,12 +62,11 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
           lr: float = 2e-3, log=print) -> dict:
     from .bases import load_base
     from .data.generic import generic_instruction_samples
-    from .pretrain import _cosine_lr, _plot
+    from .pretrain import _cosine_lr, write_pretrain_report
 
     base_dir = Path(base_dir)
     base = load_base(base_dir)
-    info = base.info
-    train_lm = bool(info.get("preset", {}).get("train_lm"))
+    train_lm = bool(base.info.get("preset", {}).get("train_lm"))
     t0 = time.perf_counter()
     n_images = n_images or min(1024, max(batch, steps * batch // 2))  # ~2 epochs; the tower pass dominates
     train = generic_instruction_samples(seed=seed, n=n_images)
@@ -108,10 +101,7 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
               "trainable_parameters": sum(p.numel() for p in params),
               "vlm_heldout_accuracy": {"before": before, "after": after}, "vlm_loss": losses, "clip_loss": []}
     model.save_pretrained(str(base_dir))
-    info["pretrained"] = {k: v for k, v in report.items() if not k.endswith("_loss")}
-    (base_dir / "kaizen_base.json").write_text(json.dumps(info, indent=2))
-    (base_dir / "pretrain.json").write_text(json.dumps(report, indent=2))
-    _plot(report, base_dir / "pretrain.png")
+    write_pretrain_report(base_dir, report)
     log(f"aligned in {report['seconds']}s ({report['trainable_parameters']} trainable parameters): "
         f"generic held-out accuracy {before:.1f}% -> {after:.1f}%")
     return report

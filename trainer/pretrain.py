@@ -58,8 +58,9 @@ def vlm_batch(base, samples, device="cpu", feats=None):
     return emb, mask, lab
 
 
-def vlm_loss(base, samples) -> torch.Tensor:
-    emb, mask, lab = vlm_batch(base, samples)
+def vlm_loss(base, samples, feats=None) -> torch.Tensor:
+    """Answer CE of the VLM; `feats`: precomputed image rows (else the vision tower runs)."""
+    emb, mask, lab = vlm_batch(base, samples, feats=feats)
     logits = base.model(inputs_embeds=emb, attention_mask=mask).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
 
@@ -185,14 +186,20 @@ def pretrain(base_dir, steps: int = 600, clip_steps: int = 600, batch: int = 32,
               "vlm_loss": vlm_losses, "clip_loss": clip_losses}
     base.model.save_pretrained(str(base_dir))
     clip.model.save_pretrained(str(base_dir / "clip"))
+    write_pretrain_report(base_dir, report)
+    log(f"pretrained in {report['seconds']}s: VLM held-out accuracy {before:.1f}% -> {after:.1f}%, "
+        f"CLIP retrieval top-1/32 {clip_before:.1f}% -> {clip_after:.1f}%")
+    return report
+
+
+def write_pretrain_report(base_dir: Path, report: dict) -> None:
+    """Mark the base pretrained in kaizen_base.json (the report minus its loss curves), and write
+    pretrain.json and pretrain.png next to the weights."""
     info = json.loads((base_dir / "kaizen_base.json").read_text())
     info["pretrained"] = {k: v for k, v in report.items() if not k.endswith("_loss")}
     (base_dir / "kaizen_base.json").write_text(json.dumps(info, indent=2))
     (base_dir / "pretrain.json").write_text(json.dumps(report, indent=2))
     _plot(report, base_dir / "pretrain.png")
-    log(f"pretrained in {report['seconds']}s: VLM held-out accuracy {before:.1f}% -> {after:.1f}%, "
-        f"CLIP retrieval top-1/32 {clip_before:.1f}% -> {clip_after:.1f}%")
-    return report
 
 
 def _plot(report: dict, path: Path) -> None:
