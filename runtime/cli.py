@@ -38,7 +38,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("hub", "rollback"): ("kaizen.hub.cli:cli_rollback", "take a task back to a version on the fleet"),
     ("hub", "unpublish"): ("kaizen.hub.cli:cli_unpublish", "take a task (or one version) back from stations"),
     ("fleet", "status"): ("kaizen.hub.cli:cli_status", "print per-station delivery state"),
-    ("station", "serve"): ("kaizen.runtime.daemon:cli_serve", "run a station (hub link + inference endpoint)"),
+    ("station", "serve"): ("kaizen.runtime.station_serve:cli_serve", "run a station (hub link + inference endpoint)"),
     ("station", "status"): ("kaizen.runtime.station_cli:cli_status", "print a station's packs and health"),
     ("station", "rollback"): ("kaizen.runtime.station_cli:cli_rollback", "return a task to its previous pack"),
     ("station", "install"): ("kaizen.runtime.station_cli:cli_install", "install a .kpk file on this station"),

@@ -1,8 +1,8 @@
 """The station daemon: the fleet link to the hub, next to the inference endpoint.
 
-    kaizen station serve --config station.toml
+    daemon = StationDaemon(FleetLink.from_config(cfg, fingerprint), station).start()
 
-A DEALER (CURVE client, own key pair + the hub's public key) says hello on every (re)connect and
+(`kaizen station serve`, runtime/station_serve.py, runs it next to the inference endpoint.) A DEALER (CURVE client, own key pair + the hub's public key) says hello on every (re)connect and
 heartbeats every `heartbeat_s`; every desired_state reply is reconciled against what the
 installer has: each missing pack is pulled with credit (runtime/fetcher.py: staging file,
 per-chunk sha256, fsync'd offset, resume), checked whole, installed through the installer
@@ -22,12 +22,9 @@ the files in `link.trusted_keys_dir` change (or on reload_keys(), e.g. from SIGH
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import logging
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +37,6 @@ from .daemon_state import (
     DaemonMemory,
     DaemonStats,
     FleetLink,
-    base_fingerprint_of,
     installed_of,
     keys_folder_state,
     previous_of,
@@ -517,66 +513,3 @@ class StationDaemon:
             self._send(Message("report", body, msg_id=msg_id))
             self.outbox.mark_sent(msg_id)
         log.info("%s: %s %s%s", self.link.station_id, entry["name"], state, f" ({reason})" if reason else "")
-
-
-# ---------------------------------------------------------------- command line
-
-
-def cli_serve(argv: list[str]) -> int:
-    """`kaizen station serve --config station.toml`: inference endpoint + fleet link."""
-    from .config import load_station_config
-    from .daemon_state import station_from_config
-    from .endpoint import InferenceServer
-
-    parser = argparse.ArgumentParser(prog="kaizen station serve", description=cli_serve.__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="station.toml")
-    parser.add_argument("--no-hub", action="store_true", help="serve from the local store only")
-    args = parser.parse_args(argv)
-    cfg = load_station_config(args.config)
-    from .logs import setup_logging
-    from .station_metrics import serve_station_metrics
-
-    setup_logging(cfg.log_format)   # plain, or one JSON object per line
-    station = station_from_config(cfg)
-    server = InferenceServer(station, cfg.inference_endpoint)
-    metrics = serve_station_metrics(cfg, station, server)   # Prometheus on metrics_listen; None when off
-    server.start()
-    from .admin import AdminServer  # rollback / install for this user only (never tcp)
-
-    admin = AdminServer(station, cfg.admin_endpoint).start()
-    print(f"station {cfg.station_id}: inference on {server.endpoint}; admin on {admin.endpoint}; "
-          f"hub {cfg.hub_endpoint}", flush=True)
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    reload = threading.Event()   # SIGHUP: reload the trusted keys now (file changes are also seen)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    try:
-        if args.no_hub:
-            state = keys_folder_state(cfg.trusted_keys_dir)
-            while not stop.wait(1.0):
-                if reload.is_set() or keys_folder_state(cfg.trusted_keys_dir) != state:
-                    reload.clear()
-                    state = keys_folder_state(cfg.trusted_keys_dir)
-                    try:
-                        log.info("trusted keys reloaded: %s", station.reload_keys(TrustedKeys.from_dir(cfg.trusted_keys_dir)))
-                    except KaizenError as err:
-                        log.error("trusted keys not reloaded, still using the previous ones: %s", err)
-        else:
-            link = FleetLink.from_config(cfg, base_fingerprint_of(station))
-            daemon = StationDaemon(link, station, serving=lambda: True)
-            if metrics is not None:
-                metrics.watch_link(daemon)
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGHUP, lambda *_: daemon.reload_keys())
-            daemon.run(stop)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        admin.stop()
-        if metrics is not None:
-            metrics.stop()
-    print(json.dumps({"station": cfg.station_id, "stopped": True}))
-    return 0
