@@ -30,6 +30,7 @@ from .errors import ProtocolError
 from .wire_json import MAX_INT, MAX_JSON_DEPTH, clean_detail, json_problem, strict_loads
 
 PROTOCOL_VERSION = 2
+PROTOCOL_MINOR = 1  # 2.1 added optional message types (feedback, sample_chunk/ack): no version bump
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # total of all frames of one message
 CHUNK_SIZE = 256 * 1024  # pack bytes per `chunk` message
 MAX_HEADER_BYTES = 64 * 1024  # header frame alone (buffer descriptors included)
@@ -77,6 +78,10 @@ MESSAGE_TYPES: dict[str, MsgSpec] = {
                              ("image",), "answer one image + instruction"),
     "infer_reply": MsgSpec("inference", {"status": str}, (), "the backend's result"),
     "status_request": MsgSpec("inference", {}, (), "ask for health and latency"),
+    # added in protocol 2.1 (optional: a 2.0 peer answers unknown_type, see PROTOCOL.md)
+    "feedback": MsgSpec("inference", {"answer": str}, (),
+                        "an operator's or PLC's correct answer for a part (part_id, or instruction + image)"),
+    "feedback_reply": MsgSpec("inference", {"status": str, "sample_id": str, "captured": bool}),
     "status_reply": MsgSpec("inference", {"status": str, "station": dict, "endpoint": dict}),
     # admin link: `kaizen station rollback|install` -> station admin ROUTER (local ipc only)
     "rollback_request": MsgSpec("admin", {"task_id": str}, (),
@@ -98,6 +103,11 @@ MESSAGE_TYPES: dict[str, MsgSpec] = {
                                 "state": REPORT_STATES, "reason": OPT_STR}),
     "ack": MsgSpec("fleet", {"acked_msg_id": str}),
     "announce": MsgSpec("fleet", {"packs": list}),
+    # added in protocol 2.1: the improvement loop's upload of captured parts (station -> hub)
+    "sample_chunk": MsgSpec("fleet", {"sample_id": str, "offset": int, "total_size": int, "meta": dict},
+                            ("data",), "bytes of one captured part's image, with its meta"),
+    "sample_ack": MsgSpec("fleet", {"sample_id": str, "offset": int, "done": bool}, (),
+                          "bytes of the sample the hub holds; done = stored (or refused, see `refused`)"),
 }
 
 # Required keys of the dict items inside list fields (any message that has the field).
@@ -109,7 +119,8 @@ LIST_ITEM_FIELDS: dict[str, dict] = {
 # Default reply type of a request, used by ok_reply when no msg_type is given.
 REPLY_TYPES = {"infer_request": "infer_reply", "status_request": "status_reply",
                "rollback_request": "rollback_reply", "install_request": "install_reply",
-               "hello": "desired_state", "fetch": "chunk", "report": "ack"}
+               "hello": "desired_state", "fetch": "chunk", "report": "ack",
+               "feedback": "feedback_reply", "sample_chunk": "sample_ack"}
 
 
 class WireError(ProtocolError):

@@ -131,8 +131,12 @@ def test_valid_messages_round_trip(msg_type):
         "desired_state": {"packs": []}, "fetch": _GOOD["fetch"][0], "chunk": _GOOD["chunk"][0],
         "report": {"name": "t-1.kpk", "task_id": "t", "version": 1, "state": "received", "reason": None},
         "ack": {"acked_msg_id": "ab" * 16}, "announce": {"packs": []},
+        "feedback": {"answer": "yes", "part_id": "ab" * 16},
+        "feedback_reply": {"status": "ok", "sample_id": "cd" * 32, "captured": True},
+        "sample_chunk": {"sample_id": "cd" * 32, "offset": 0, "total_size": 3, "meta": {}},
+        "sample_ack": {"sample_id": "cd" * 32, "offset": 3, "done": True},
     }
-    buffers = _GOOD.get(msg_type, ({}, {}))[1]
+    buffers = {"sample_chunk": {"data": b"abc"}}.get(msg_type) or _GOOD.get(msg_type, ({}, {}))[1]
     msg = P.Message(msg_type, bodies[msg_type], dict(buffers))
     out = P.decode(msg.encode())
     assert (out.msg_type, out.body, out.buffers, out.msg_id) == (msg_type, msg.body, msg.buffers, msg.msg_id)

@@ -35,8 +35,13 @@ GOOD_BODIES = {
                "reason": "bad signature"},
     "ack": {"acked_msg_id": "ab" * 16},
     "announce": {"packs": []},
+    "feedback": {"answer": "yes", "part_id": "ab" * 16},
+    "feedback_reply": {"status": "ok", "sample_id": "cd" * 32, "captured": True},
+    "sample_chunk": {"sample_id": "cd" * 32, "offset": 0, "total_size": 3, "meta": {"reason": "feedback"}},
+    "sample_ack": {"sample_id": "cd" * 32, "offset": 3, "done": True},
 }
-GOOD_BUFFERS = {"infer_request": {"image": b"\x89PNG..."}, "chunk": {"data": b"abc"}}
+GOOD_BUFFERS = {"infer_request": {"image": b"\x89PNG..."}, "chunk": {"data": b"abc"},
+                "sample_chunk": {"data": b"abc"}}
 
 
 def _good(msg_type):
