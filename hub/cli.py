@@ -8,6 +8,9 @@
     kaizen hub rollback pick --to 2 [--to-group line1] --config hub.toml
     kaizen hub unpublish pick[@3] --config hub.toml
     kaizen fleet status --config hub.toml [--json [--all]]
+    kaizen hub samples list [--task T] [--json] --config hub.toml          # captured parts at the hub
+    kaizen hub samples export --task T|--unmatched|--all --out DIR [--labelled-only|--unlabelled-only] --config hub.toml
+    kaizen hub samples import labelled.json --config hub.toml              # labels (and tasks) by sample id
 
 A refused operation (HubOpError, ConfigError) exits 1 with a message saying what to do.
 """
@@ -28,6 +31,8 @@ from .catalog import catalogue_pack, fleet_status, fleet_summary, format_status
 from .config import load_hub_config
 from .db import HubDB
 from .fleet_ops import parse_task_ref, promote, rollback, rollout_progress, start_rollout, unpublish
+from .samples import SampleLimits, SampleStore
+from .samples_io import export_samples, import_labels
 from .server import Hub
 from .status_page import start_observers
 
@@ -181,4 +186,66 @@ def cli_status(argv: list[str]) -> int:
         print(json.dumps({"stations": rows, **summary} if args.all else rows, indent=2))
     else:
         print(format_status(rows, summary))
+    return 0
+
+
+def _samples_store(config) -> SampleStore:
+    return SampleStore(config.samples_dir, SampleLimits(config.samples_max_sample_bytes,
+                                                        config.samples_max_total_bytes,
+                                                        config.samples_max_partial_per_station))
+
+
+def _format_samples(rows: list[dict]) -> str:
+    import time
+
+    by_task: dict[str, list[int]] = {}
+    lines = [f"{'sample':<14}{'task':<16}{'reason':<16}{'station':<14}{'captured (UTC)':<21}label"]
+    for r in rows:
+        counts = by_task.setdefault(r["task"], [0, 0])
+        counts[r["label"] is None] += 1
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["captured_at"]))
+        label = "-" if r["label"] is None else f"{r['label'][:30]} ({r['label_source']})"
+        lines.append(f"{r['sample_id'][:12]:<14}{r['task'][:15]:<16}{r['reason']:<16}{r['station_id'][:13]:<14}"
+                     f"{when:<21}{label}")
+    lines.append("")
+    lines += [f"{task}: {n} labelled, {u} unlabelled" for task, (n, u) in sorted(by_task.items())] or ["no samples"]
+    return "\n".join(lines)
+
+
+def cli_samples(argv: list[str]) -> int:
+    """`kaizen hub samples list|export|import ... --config hub.toml`: captured parts at the hub."""
+    parser = argparse.ArgumentParser(prog="kaizen hub samples", description=cli_samples.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list stored samples (per task counts at the end)")
+    ls.add_argument("--task", help="only this task (\"unmatched\": parts no task matched)")
+    ls.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ex = sub.add_parser("export", help="write DIR/data.json (LLaVA JSON) and DIR/images/ for labelling")
+    which = ex.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the samples of this task")
+    which.add_argument("--unmatched", action="store_true", help="the samples no task matched")
+    which.add_argument("--all", action="store_true", help="every sample")
+    ex.add_argument("--out", required=True, type=Path, help="output folder")
+    lab = ex.add_mutually_exclusive_group()
+    lab.add_argument("--labelled-only", action="store_true", help="only samples with a label")
+    lab.add_argument("--unlabelled-only", action="store_true", help="only samples without a label")
+    im = sub.add_parser("import", help="set labels (gpt turn) and tasks (kaizen.task) by sample id")
+    im.add_argument("file", type=Path, help="a labelled copy of an exported data.json")
+    for p in (ls, ex, im):
+        _config_arg(p)
+    args = parser.parse_args(argv)
+    store = _samples_store(load_hub_config(args.config))
+    try:
+        if args.command == "list":
+            rows = store.rows(task=args.task)
+            print(json.dumps(rows, indent=2) if args.json else _format_samples(rows))
+        elif args.command == "export":
+            labelled = True if args.labelled_only else (False if args.unlabelled_only else None)
+            n = export_samples(store, args.out, task=args.task, unmatched=args.unmatched, labelled=labelled)
+            print(f"exported {n} sample(s) to {args.out / 'data.json'} (images in {args.out / 'images'})")
+        else:
+            summary = import_labels(store, args.file)
+            print(f"imported {args.file}: {summary['labelled']} labelled, {summary['moved']} moved to another "
+                  f"task, {summary['unchanged']} unchanged")
+    finally:
+        store.close()
     return 0

@@ -26,7 +26,7 @@ from kaizen.runtime.errors import ConfigError, KaizenError
 from kaizen.runtime.keys import load_curve_public
 from kaizen.runtime.metrics_http import check_listen_fields
 
-HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path", "trusted_keys_dir")
+HUB_PATHS = ("public_key_file", "secret_key_file", "packs_dir", "db_path", "trusted_keys_dir", "samples_dir")
 
 
 @dataclass
@@ -58,6 +58,10 @@ class HubConfig:
     status_listen: str = ""               # read-only status page, e.g. "127.0.0.1:8470"; "" = off
     status_allow_remote: bool = False     # allow a non-loopback status_listen (no authentication)
     log_format: str = "plain"             # or "json": one JSON object per line
+    samples_dir: Path | None = None       # captured parts (hub/samples.py); None = <db_path's folder>/samples
+    samples_max_sample_bytes: int = 16 * 1024 * 1024   # a bigger image is refused
+    samples_max_total_bytes: int = 20 * 1024 ** 3      # full: stations keep their samples and retry later
+    samples_max_partial_per_station: int = 16          # multi-chunk uploads in progress per station
     source: str = "<hub config>"
 
     def __post_init__(self) -> None:
@@ -74,6 +78,13 @@ class HubConfig:
         if not 4096 <= self.max_message_bytes <= 64 * 1024 * 1024:
             raise _fail(src, "max_message_bytes", f"{self.max_message_bytes} must be within 4 KiB .. 64 MiB")
         check_listen_fields(src, self, "metrics", "status")   # loopback unless *_allow_remote; log_format
+        if self.samples_dir is None:
+            self.samples_dir = Path(self.db_path).parent / "samples"
+        for name in ("samples_max_sample_bytes", "samples_max_total_bytes", "samples_max_partial_per_station"):
+            _check_positive(src, name, getattr(self, name), integer=True)
+        if self.samples_max_sample_bytes > self.samples_max_total_bytes:
+            raise _fail(src, "samples_max_sample_bytes", f"{self.samples_max_sample_bytes} is over "
+                        f"samples_max_total_bytes ({self.samples_max_total_bytes})")
         seen: set[str] = set()
         for i, st in enumerate(self.stations):
             _check_station_id(src, f"stations[{i}].id", st.id)

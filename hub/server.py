@@ -7,7 +7,8 @@
 A ROUTER socket (CURVE server) takes hello / heartbeat / fetch / report from station DEALERs;
 ZAP (hub/auth.py) admits only allow-listed station keys and stamps each message with
 the station id, and a hello whose station_id differs from its key's id is refused. Replies:
-desired_state to hello and heartbeat, chunks within the credit to fetch, ack to report. A PUB
+desired_state to hello and heartbeat, chunks within the credit to fetch, ack to report, sample_ack
+to sample_chunk (captured parts, stored by hub/samples.py under samples_dir). A PUB
 socket announces new publications (hints: stations reconcile on every heartbeat reply anyway).
 Everything durable lives in hub/db.py. No torch here.
 """
@@ -34,10 +35,11 @@ from .catalog import scan_packs
 from .config import HubConfig, load_hub_config
 from .db import HubDB
 from .fleet_ops import hold_on_report
+from .samples import SampleLimits, SampleStore
 
 log = logging.getLogger("kaizen.hub")
 
-HUB_TYPES = frozenset({"hello", "heartbeat", "fetch", "report"})
+HUB_TYPES = frozenset({"hello", "heartbeat", "fetch", "report", "sample_chunk"})
 REVISION_POLL_S = 0.25
 CONFIG_POLL_S = 1.0      # hub.toml (allow-list, trusted keys) is re-read when its mtime changes
 FETCHES_KEPT = 1000      # HubStats.fetches keeps the latest; fetch_count counts them all
@@ -71,6 +73,9 @@ class HubStats:
     dropped: int = 0           # messages not answered (unknown sender, failed send)
     reloads: int = 0
     reload_errors: int = 0
+    sample_chunks: int = 0     # sample_chunk messages answered with a sample_ack
+    samples_stored: int = 0
+    samples_refused: int = 0
 
 
 class Hub:
@@ -94,6 +99,7 @@ class Hub:
         self._rng = random.Random(self.faults.seed)
         self._trusted_override = trusted
         self._peers: dict[str, bytes] = {}   # station id -> ROUTER identity of its latest DEALER
+        self._samples: SampleStore | None = None   # opened by the thread that first receives a sample
         self._apply(config)
         self._public = load_curve_public(config.public_key_file)
         self._secret = load_curve_secret(config.secret_key_file)
@@ -162,6 +168,9 @@ class Hub:
                     sock.close(linger=linger)
             auth.stop()
             db.close()
+            if self._samples is not None:
+                self._samples.close()
+                self._samples = None
             ctx.term()
 
     def _server_socket(self, ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
@@ -320,6 +329,8 @@ class Hub:
             send(ok_reply(msg, self._desired(db, station_id), msg_type="desired_state"))
         elif msg.msg_type == "fetch":
             self._serve_fetch(db, station_id, msg, send)
+        elif msg.msg_type == "sample_chunk":
+            self._receive_sample(station_id, msg, send)
         elif msg.msg_type == "report":
             rec = db.pack(b["name"])
             if rec is None or rec.name not in db.published_to(station_id, self._groups[station_id]):
@@ -371,6 +382,27 @@ class Hub:
                 if limit is not None and self.stats.chunks_sent >= limit:
                     self.stopped_by_fault = True
                     return
+
+    def _receive_sample(self, station_id: str, msg: Message, send) -> None:
+        """One chunk of a captured part: store it (hub/samples.py) and answer with what the hub holds."""
+        if self._samples is None:
+            c = self.config
+            self._samples = SampleStore(c.samples_dir, SampleLimits(c.samples_max_sample_bytes,
+                                                                    c.samples_max_total_bytes,
+                                                                    c.samples_max_partial_per_station))
+        data = msg.buffers["data"]
+        if not isinstance(data, bytes):
+            send(error_reply(msg, "bad_buffer", "sample_chunk buffer 'data' must be raw bytes (kind: bytes), "
+                             "not an array"))
+            return
+        ack = self._samples.receive(station_id, msg.body, data)
+        self.stats.sample_chunks += 1
+        if ack["done"]:
+            if "refused" in ack:
+                self.stats.samples_refused += 1
+            else:
+                self.stats.samples_stored += 1
+        send(ok_reply(msg, ack, msg_type="sample_ack"))
 
     def _unavailable(self, name: str, reason: str) -> None:
         """A catalogued file went missing or short: stop offering it (logged), keep serving."""

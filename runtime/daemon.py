@@ -18,6 +18,9 @@ fails is reported rejected(reason) once and not fetched again; a full disk (ENOS
 reported `rejected: disk full ...` and retried with backoff (the partial download is kept),
 while the station keeps serving from its store. Trusted keys are reloaded without a restart when
 the files in `link.trusted_keys_dir` change (or on reload_keys(), e.g. from SIGHUP).
+
+Captured parts (`capture=` a runtime/capture.py CaptureQueue) are uploaded by runtime/uploader.py
+once the hub has answered on the current connection; its sample_ack and error replies go there.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ from .outbox import Outbox
 from .protocol import Message, WireError, decode
 from .store import InstallIOError
 from .tarsafe import DEFAULT_LIMITS
+from .uploader import Uploader
 
 log = logging.getLogger("kaizen.daemon")
 
-STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce"})
+STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce", "sample_ack"})
 PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.kpk$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHA_FAILURES = 3
@@ -68,7 +72,7 @@ class StationDaemon:
     """The fleet loop of one station. Owns its sockets; run it in one thread."""
 
     def __init__(self, link: FleetLink, installer, *, keep_downloads: bool = False,
-                 serving: Callable[[], bool] = lambda: True):
+                 serving: Callable[[], bool] = lambda: True, capture=None, upload_kwargs: dict | None = None):
         self.link = link
         self.installer = installer
         self.keep_downloads = keep_downloads
@@ -96,6 +100,9 @@ class StationDaemon:
         self._ctx: zmq.Context | None = None
         self._dealer: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
+        self.uploader = None if capture is None else Uploader(capture, **{"resend_s": link.resend_s,
+                                                                          **(upload_kwargs or {})})
+        self._heard = False   # a message from the hub on the current DEALER: uploads may start
 
     # ------------------------------------------------------------ lifecycle
 
@@ -159,6 +166,9 @@ class StationDaemon:
         self.outbox.reset_timers()
         if self.transfer is not None:
             self.transfer.restart_window()
+        self._heard = False
+        if self.uploader is not None:
+            self.uploader.reset()
 
     def _close(self) -> None:
         for sock in (self._dealer, self._sub):
@@ -215,6 +225,8 @@ class StationDaemon:
                 self._pump_transfer()
             except Exception as err:  # noqa: BLE001 - the pack fails, not the daemon
                 self._pack_failed(t.entry, err, t)
+        if self.uploader is not None and self._heard:
+            self.uploader.pump(now, self._send)
 
     def _check_keys(self, now: float) -> None:
         """Apply the trusted keys folder when its files changed (seen the same twice, so a key
@@ -264,6 +276,7 @@ class StationDaemon:
                 return
             if sock is self._dealer:
                 self._last_rx = time.monotonic()
+                self._heard = True
             try:
                 msg = decode(frames, allowed_types=STATION_TYPES)
             except WireError as err:
@@ -301,6 +314,10 @@ class StationDaemon:
             self.outbox.ack(body["acked_msg_id"])
         elif kind == "announce":
             self._next_heartbeat = time.monotonic()  # a hint: ask for desired_state now
+        elif kind == "sample_ack" and self.uploader is not None:
+            self.uploader.on_ack(body, msg.reply_to)
+        elif kind == "error" and self.uploader is not None and self.uploader.on_error(body["error"], msg.reply_to):
+            return
         elif kind == "error":
             name = self._fetch_ids.get(msg.reply_to or "")
             log.warning("%s: hub error %s: %s", self.link.station_id, body["error"], body["detail"])
