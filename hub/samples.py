@@ -92,7 +92,7 @@ def check_meta(meta: dict, sample_id: str, total_size: int) -> str | None:
     if size > MAX_META_BYTES:
         return f"meta is {size} bytes, over {MAX_META_BYTES}"
     if meta.get("schema") != 1 or isinstance(meta.get("schema"), bool):
-        return f"meta.schema must be 1, got {str(meta.get('schema'))[:20]}"
+        return f"meta.schema must be 1, got {repr(meta.get('schema'))[:20]}"
     if meta.get("sample_id") != sample_id:
         return "meta.sample_id differs from the message's sample_id"
     checks = [("station_id", str, MAX_NAME_CHARS), ("instruction", str, MAX_INSTRUCTION_CHARS),
@@ -104,9 +104,9 @@ def check_meta(meta: dict, sample_id: str, total_size: int) -> str | None:
         return "meta.image_sha256 must be 64 lowercase hex digits"
     if meta.get("captured_at") is None or not _opt(meta.get("captured_at"), float) or meta["captured_at"] < 0:
         return "meta.captured_at must be a unix time (seconds, >= 0)"
-    if meta.get("reason") not in REASONS:
+    if not isinstance(meta.get("reason"), str) or meta["reason"] not in REASONS:
         return f"meta.reason must be one of {', '.join(sorted(REASONS))}"
-    if meta.get("image_format") not in FORMATS:
+    if not isinstance(meta.get("image_format"), str) or meta["image_format"] not in FORMATS:
         return f"meta.image_format must be one of {', '.join(sorted(FORMATS))}"
     if meta.get("image_bytes") != total_size or isinstance(meta.get("image_bytes"), bool):
         return f"meta.image_bytes must equal total_size ({total_size})"

@@ -202,8 +202,23 @@ field_values = st.one_of(st.text(max_size=30), st.sampled_from(["line1/s00", "pi
                                   max_size=3))
 
 
+# capture-record metas (sample_chunk): every field present, each a typical or an odd value
+sample_metas = st.fixed_dictionaries({
+    "schema": st.sampled_from([1, 1, 1, 2, "1", True]), "sample_id": st.sampled_from(["ab" * 32, "ab" * 32, "x"]),
+    "station_id": st.sampled_from(["line1/s00", "", "é" * 300]), "captured_at": st.sampled_from([1.7e9, -1, "now"]),
+    "reason": st.sampled_from(["no_match", "low_confidence", "low_confidence", "feedback", "other"]),
+    "instruction": st.text(max_size=30), "image_format": st.sampled_from(["png", "jpeg", "gif"]),
+    "image_sha256": st.sampled_from(["cd" * 32, "cd" * 32, "CD" * 32, ""]), "image_bytes": st.integers(0, 20),
+    "label": st.one_of(st.none(), st.text(max_size=10)), "task_hint": st.one_of(st.none(), st.text(max_size=10)),
+    "result": st.one_of(st.none(), json_values, st.fixed_dictionaries(
+        {"outcome": st.sampled_from(["answered", "no_match"]), "answer": st.one_of(st.none(), st.text(max_size=5)),
+         "task_id": st.one_of(st.none(), st.text(max_size=5)), "pack_version": st.one_of(st.none(), st.integers(-1, 3)),
+         "confidence": st.one_of(st.none(), st.floats(allow_nan=False)), "scores": json_values}))},
+    optional={"extra": json_values})
+
+
 @FUZZ
-@given(st.sampled_from(["hello", "heartbeat", "fetch", "report"]), st.data())
+@given(st.sampled_from(["hello", "heartbeat", "fetch", "report", "sample_chunk"]), st.data())
 def test_hub_handlers_never_fail_on_a_decodable_message(msg_type, data):
     """Every required field present, each drawn from odd values: decodable ones never hit a hub bug."""
     hub, db = _hub()
@@ -211,7 +226,8 @@ def test_hub_handlers_never_fail_on_a_decodable_message(msg_type, data):
              int: st.integers(min_value=0, max_value=P.MAX_INT), bool: st.booleans(),
              list: st.lists(st.fixed_dictionaries({"task_id": st.text(max_size=10),
                                                    "version": st.integers(min_value=0, max_value=P.MAX_INT)},
-                                                  optional={"extra": json_values}), max_size=5)}
+                                                  optional={"extra": json_values}), max_size=5),
+             dict: st.one_of(sample_metas, st.dictionaries(st.text(max_size=8), json_values, max_size=4))}
     body = {}
     for name, spec in P.MESSAGE_TYPES[msg_type].fields.items():
         kind = spec[0] if isinstance(spec, tuple) else spec
@@ -219,8 +235,13 @@ def test_hub_handlers_never_fail_on_a_decodable_message(msg_type, data):
         body[name] = data.draw(strategy, label=name)
     if msg_type == "report":
         body["state"] = data.draw(st.sampled_from(sorted(P.REPORT_STATES)))
+    buffers = {}
+    if msg_type == "sample_chunk":
+        if data.draw(st.booleans(), label="real id"):
+            body["sample_id"] = "ab" * 32
+        buffers["data"] = data.draw(st.one_of(st.binary(max_size=70), st.sampled_from([b"\x89PNG\r\n\x1a\n" + b"x" * 8])))
     try:
-        msg = P.decode(P.Message(msg_type, body).encode())
+        msg = P.decode(P.Message(msg_type, body, buffers).encode())
     except P.WireError:
         return
     sent = []
@@ -230,3 +251,48 @@ def test_hub_handlers_never_fail_on_a_decodable_message(msg_type, data):
         assert sent
     for m in sent:
         m.encode()
+
+
+ODD_META_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 30), st.text(max_size=12), json_values,
+                            st.sampled_from(["png", "jpeg", "feedback", "no_match", "ab" * 32, "é" * 5000]))
+
+
+@FUZZ
+@given(st.integers(0, 3), st.integers(1, 24), st.booleans(), st.data())
+def test_hub_sample_store_never_fails_on_a_decodable_sample_chunk(part, total, feedback, data):
+    """Valid capture records with 0-2 fields made odd, sent whole or as a part at a drawn offset
+    (partial files, held offsets, sha and id checks): always a sample_ack, never a hub bug."""
+    import hashlib
+
+    from kaizen.hub.samples import sample_id_of
+
+    hub, db = _hub()
+    image = b"\x89PNG\r\n\x1a\n" + data.draw(st.binary(min_size=total, max_size=total), label="image")
+    label = "yes" if feedback else None
+    sid = sample_id_of(image, "Is it ok?", label)
+    meta = {"schema": 1, "sample_id": sid, "station_id": "line1/s00", "captured_at": 1.7e9,
+            "reason": "feedback" if feedback else "low_confidence", "instruction": "Is it ok?",
+            "image_format": "png", "image_sha256": hashlib.sha256(image).hexdigest(), "image_bytes": len(image),
+            "label": label, "task_hint": None,
+            "result": {"outcome": "answered", "answer": "no", "task_id": "seal", "pack_version": 1,
+                       "confidence": 0.2, "scores": {"seal": 0.2}}}
+    for _ in range(data.draw(st.integers(0, 2), label="odd fields")):
+        key = data.draw(st.sampled_from(sorted(meta) + ["result.confidence", "result.scores"]), label="field")
+        value = data.draw(ODD_META_VALUES, label="value")
+        if key.startswith("result."):
+            meta["result"][key[7:]] = value
+        else:
+            meta[key] = value
+    offset = data.draw(st.sampled_from([0, 0, part * 4, len(image)]), label="offset")
+    chunk = image[offset:offset + data.draw(st.sampled_from([len(image), 4, 0]), label="size")]
+    body = {"sample_id": sid, "offset": offset, "total_size": len(image), "meta": meta}
+    try:
+        msg = P.decode(P.Message("sample_chunk", body, {"data": chunk}).encode())
+    except P.WireError:
+        return
+    sent = []
+    hub._dispatch(db, "line1/s00", b"peer", msg, sent.append)
+    [reply] = sent
+    assert reply.msg_type == "sample_ack", reply.body
+    assert reply.body["sample_id"] == sid and 0 <= reply.body["offset"] <= len(image)
+    reply.encode()
