@@ -2,6 +2,9 @@
 
     kaizen export pack RUN TASK --bundle BUNDLE --key keys/signer.ed25519.key --out TASK-1.kpk [--version 1]
 
+The version defaults to the run's: 1 for a `kaizen train` run, N+1 for the task a
+`kaizen train --continue` run improved (its pack_meta.json says which).
+
 Reads what the trainer left in RUN/tasks/<i>_<TASK>/: pack.safetensors (prompt, key, lora.*) and
 pack_meta.json (instructions, answer set, golden samples, metrics, base fingerprint). The text
 queries of the instructions are computed with the bundle's own text tower (clip_text.onnx or
@@ -44,10 +47,13 @@ def read_task(task_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return json.loads(meta_path.read_text()), load_file(str(arrays_path))
 
 
-def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int = 1, engine: Engine | None = None):
-    """Build and sign the pack of one finished task; return its Manifest."""
+def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int | None = None,
+                engine: Engine | None = None):
+    """Build and sign the pack of one finished task; return its Manifest. `version` None = the
+    task's own: pack_meta.json's "version" (written by `kaizen train --continue`), else 1."""
     task_dir = Path(task_dir)
     meta, arrays = read_task(task_dir)
+    version = int(meta.get("version", 1)) if version is None else version
     if meta["base_fingerprint"] != bundle.fingerprint:
         raise PackError(f"{task_dir} was trained on base {meta['base_fingerprint'][:12]}..., but bundle "
                         f"{bundle.path} is {bundle.fingerprint[:12]}...: export the run's own base")
@@ -77,7 +83,8 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--bundle", required=True, help="the base bundle the stations run")
     ap.add_argument("--key", required=True, help="Ed25519 signing key (kaizen keys gen --kind signing)")
     ap.add_argument("--out", required=True, help="pack file to write, e.g. seal_defect-1.kpk")
-    ap.add_argument("--version", type=int, default=1, help="pack version, an increasing integer per task")
+    ap.add_argument("--version", type=int, default=None, help="pack version, an increasing integer per task "
+                    "(default: the run's: 1, or N+1 for a kaizen train --continue run)")
     a = ap.parse_args(argv)
     bundle = Bundle.open(a.bundle)
     m = export_pack(find_task_dir(Path(a.run), a.task), a.out, bundle=bundle, signing_key=load_signing_key(a.key),

@@ -2,6 +2,7 @@
 
     kaizen train --method kaizen --stream inspection --base bases/tiny --out runs/kaizen-s0 --seed 0
     kaizen train ... --resume          # continue a crashed run from its last finished task
+    kaizen train --continue RUN --task T --add DATA.json   # T's next pack version (continue_run.py)
 
 Tasks run in stream order. After each task: evaluate (evaluate.py), checkpoint
 (checkpoint.py), update RUN/run.json. At the end: RUN/results.json, results.md, matrix.png
@@ -303,7 +304,13 @@ def config_from_args(a, method: str, out: str, seed: int | None = None) -> Train
 
 
 def cli_main(argv: list[str]) -> int:
+    if "--continue" in argv:  # the improvement loop: its own options (continue_run.py)
+        from .continue_run import cli_main as continue_main
+
+        return continue_main(argv)
     ap = argparse.ArgumentParser(prog="kaizen train", description=__doc__.splitlines()[0])
+    ap.add_argument("--continue", metavar="RUN", help="next version of one task's pack from added samples "
+                    "(see kaizen train --continue RUN --help)")
     ap.add_argument("--method", default="kaizen", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--out", required=True, help="run folder to write")
     add_train_args(ap)

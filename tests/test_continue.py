@@ -1,0 +1,170 @@
+"""`kaizen train --continue` (trainer/continue_run.py) on a 3-task tiny run.
+
+Covers: the next version of one task's pack from drifted, labelled samples (version N+1, other
+tasks' pack files byte-identical, the task's key frozen, its prompt and LoRA trained on old + new
+data, unlabelled records skipped and counted, a deterministic hold-out), a second continue of the
+continue run (version N+2, earlier added data kept), `--new-task` from labelled samples, export of
+the continue run as a signed pack of version N+1 that verifies, and the typed errors for bad data.
+The random-init tiny base cannot learn the drifted parts, so accuracy gains are measured on the
+demo's real base (see the module docstring of continue_run.py and the report), not asserted here.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from kaizen.export.pack_export import export_pack, find_task_dir
+from kaizen.runtime.bundle import Bundle
+from kaizen.runtime.cli import main as kaizen
+from kaizen.runtime.errors import ConfigError
+from kaizen.runtime.keys import TrustedKeys
+from kaizen.runtime.pack import verify_pack
+from kaizen.trainer.continue_run import ContinueConfig, continue_run, split_holdout
+from kaizen.trainer.data.drift import drifted_samples, write_llava_json
+from kaizen.trainer.data.types import DataError
+from kaizen.trainer.train import Shared, TrainConfig, train
+
+TASK = "seal_defect"
+OTHERS = ("1_hole_count", "2_cable_color")
+PACK_FILES = ("pack.safetensors", "pack_meta.json", "task.json", "golden/0.png")
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_llama):
+    return Shared(str(tiny_llama[0]))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, shared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cont") / "run"
+    train(TrainConfig(base=str(tiny_llama[0]), out=str(out), n_train=8, n_test=4, max_tasks=3, epochs=1,
+                      batch_size=4), shared=shared)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 drifted seal parts (new supplier) as the hub exports them; the last 2 not labelled yet."""
+    return write_llava_json(drifted_samples(TASK, "supplier", "train", 0, 12), tmp_path_factory.mktemp("add"),
+                            unlabelled=2)
+
+
+@pytest.fixture(scope="module")
+def v2(run, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("v2") / "seal-v2"
+    assert kaizen(["train", "--continue", str(run), "--task", TASK, "--add", str(data), "--out", str(out),
+                   "--epochs", "3"]) == 0
+    return out
+
+
+def test_continue_writes_version_n_plus_1_and_leaves_other_tasks_alone(run, v2):
+    report = json.loads((v2 / "continue.json").read_text())
+    assert report["version"] == 2 and report["parent_version"] == 1 and report["task"] == TASK
+    added = report["added"]
+    assert (added["labelled"], added["unlabelled_skipped"], added["train"], added["heldout"]) == (10, 2, 8, 2)
+    assert report["train"]["samples"] == 8 + 8  # the run's 8 old train parts + 8 added ones
+    assert report["train"]["steps"] == 3 * 4 and report["train"]["loss_last"] < report["train"]["loss_first"]
+    assert set(report["before"]["others"]) == {"hole_count", "cable_color"}
+    assert report["before"]["heldout"] is not None and report["after"]["heldout"] is not None
+    state = json.loads((v2 / "run.json").read_text())
+    assert state["versions"] == {"seal_defect": 2, "hole_count": 1, "cable_color": 1}
+    for d in OTHERS:  # other tasks' packs are not re-exported: byte-identical files
+        for name in PACK_FILES:
+            assert (v2 / "tasks" / d / name).read_bytes() == (run / "tasks" / d / name).read_bytes(), (d, name)
+    old = load_file(str(run / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    new = load_file(str(v2 / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    assert set(old) == set(new)
+    np.testing.assert_array_equal(old["key"], new["key"])  # the key stays frozen by default
+    assert not np.array_equal(old["prompt"], new["prompt"])
+    assert any(not np.array_equal(old[k], new[k]) for k in old if k.startswith("lora."))
+    meta = json.loads((v2 / "tasks" / "0_seal_defect" / "pack_meta.json").read_text())
+    assert meta["version"] == 2 and meta["metrics"]["accuracy_before"] == report["before"]["test"]
+    assert meta["metrics"]["heldout_accuracy_after"] == report["after"]["heldout"]
+
+
+def test_export_of_the_continue_run_is_version_n_plus_1_and_verifies(v2, tiny_llama, signing_key, tmp_path):
+    bundle = Bundle.open(tiny_llama[1])
+    manifest = export_pack(find_task_dir(v2, TASK), tmp_path / "seal-2.kpk", bundle=bundle, signing_key=signing_key)
+    assert manifest.version == 2
+    trusted = TrustedKeys([])
+    trusted.add(signing_key)
+    got = verify_pack(tmp_path / "seal-2.kpk", trusted, base_fingerprint=bundle.fingerprint)
+    assert got.version == 2 and got.metrics["accuracy_before"] is not None
+    other = export_pack(find_task_dir(v2, "hole_count"), tmp_path / "holes.kpk", bundle=bundle, signing_key=signing_key)
+    assert other.version == 1  # untouched tasks keep their version
+
+
+def test_continue_of_a_continue_run_keeps_old_and_added_data(v2, data, shared, tmp_path):
+    report = continue_run(ContinueConfig(run=str(v2), add=str(data), task=TASK, out=str(tmp_path / "v3"),
+                                         epochs=1, train="lora"), shared=shared)
+    assert report["version"] == 3 and report["parent_version"] == 2
+    assert report["train"]["samples"] == 8 + 8 + 8  # stream + v2's added + this file's again
+    assert report["others_unchanged"]  # LoRA only: only parts that select seal_defect can change
+    old = load_file(str(v2 / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    new = load_file(str(tmp_path / "v3" / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    np.testing.assert_array_equal(old["prompt"], new["prompt"])
+
+
+def test_new_task_from_labelled_samples(run, shared, tmp_path, tiny_llama, signing_key):
+    parts = write_llava_json(drifted_samples("label_orientation", "lighting", "train", 0, 12), tmp_path / "add")
+    out = tmp_path / "new"
+    report = continue_run(ContinueConfig(run=str(run), add=str(parts), new_task="label_turn", out=str(out),
+                                         epochs=1), shared=shared)
+    assert report["kind"] == "new_task" and report["version"] == 1 and report["after"]["heldout"] is None
+    assert report["after"]["test"] is not None and report["added"]["heldout"] == 3
+    state = json.loads((out / "run.json").read_text())
+    assert state["stream"][-1] == "label_turn" and len(state["rows"]) == 4
+    meta = json.loads((out / "tasks" / "3_label_turn" / "pack_meta.json").read_text())
+    assert meta["answers"] == ["down", "left", "right", "up"]
+    m = export_pack(find_task_dir(out, "label_turn"), tmp_path / "lt.kpk", bundle=Bundle.open(tiny_llama[1]),
+                    signing_key=signing_key)
+    assert m.version == 1 and m.task_id == "label_turn"
+    again = continue_run(ContinueConfig(run=str(out), add=str(parts), task="label_turn", out=str(tmp_path / "lt2"),
+                                        epochs=1), shared=shared)
+    assert again["version"] == 2  # a new task can be continued like any other
+
+
+def _write(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_bad_added_data_is_refused_with_the_file_and_record(run, data, shared, tmp_path):
+    def go(add, **kw):
+        return continue_run(ContinueConfig(run=str(run), add=str(add), out=str(tmp_path / "x"),
+                                           **{"task": TASK, **kw}), shared=shared)
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="bad.json.*not valid JSON"):
+        go(tmp_path / "bad.json")
+    records = json.loads(data.read_text())
+    for r in records:
+        r["conversations"][1]["value"] = ""
+    with pytest.raises(DataError, match="no labelled record \\(12 unlabelled skipped\\)"):
+        go(_write(data.parent / "none.json", records))
+    records[0]["conversations"][1]["value"] = "maybe"
+    with pytest.raises(DataError, match="record #0.*'maybe' is not in task 'seal_defect'"):
+        go(_write(data.parent / "wrong.json", records))
+    records[0]["conversations"][1]["value"] = "yes"
+    records[0]["image"] = "images/missing.png"
+    with pytest.raises(DataError, match="record #0.*missing.png does not exist"):
+        go(_write(data.parent / "gone.json", records))
+    with pytest.raises(ConfigError, match="'nope' is not in"):
+        go(data, task="nope")
+    with pytest.raises(ConfigError, match="already exists"):
+        go(data, task="", new_task="hole_count")
+    with pytest.raises(ConfigError, match="--train"):
+        go(data, train="prompt,everything")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        ContinueConfig(run=str(run), add=str(data))
+
+
+def test_holdout_is_deterministic_and_independent_of_record_order():
+    items = [(f"id{i}", i) for i in range(20)]
+    train_a, held_a = split_holdout(items, 0.25, seed=0)
+    train_b, held_b = split_holdout(list(reversed(items)), 0.25, seed=0)
+    assert len(held_a) == 5 and {i for i, _ in held_a} == {i for i, _ in held_b}
+    assert {i for i, _ in split_holdout(items, 0.25, seed=1)[1]} != {i for i, _ in held_a}
+    assert len(split_holdout(items[:2], 0.1, seed=0)[1]) == 1  # at least one held back, one trained

@@ -1,0 +1,387 @@
+"""`kaizen train --continue`: the next version of one task's pack from captured, labelled samples.
+
+    kaizen train --continue RUN --task seal_defect --add samples/data.json [--out OUT]
+                 [--holdout 0.25] [--epochs N] [--seed S] [--train-key]
+    kaizen train --continue RUN --new-task gasket_defect --add unmatched/data.json [--out OUT]
+
+--task T: restore the method after RUN's last task, re-open T and train ONLY T's prompt and LoRA
+(its key stays frozen unless --train-key) on T's old train data (the stream's, plus what earlier
+continue runs added) + the added samples, except a deterministic share (--holdout, chosen by
+sha256 of seed and record id, so it does not depend on record order) held back for evaluation.
+Other tasks' parameters never change, and their pack files are copied byte for byte.
+Why the key stays frozen: selection (which packs a part picks, and the top-k prompts fused for
+it) depends on every key, so a moved key can change other tasks' answers; with the key frozen
+only parts whose top-k already contains T can change (T's prompt is fused into them).
+--new-task NAME: append a task to the stream from labelled samples: its answer set is the
+labels seen, its test split the held-back share; it trains like any task (prompt, key, LoRA).
+
+Versions: a run written by `kaizen train` holds version 1 of every task's pack (what `kaizen
+export pack` and the demo publish by default). A continue run records `versions` {task: N} in
+its run.json and writes `version` into T's pack_meta.json; it makes N+1 where N is T's version
+in the run it continues (a new task starts at 1). `kaizen export pack OUT T` exports that
+version unless --version says otherwise.
+
+OUT (default RUN/continue/T-v<N+1>) is a run folder: run.json (+ versions, parent, added data),
+tasks/<i>_<task>/ for every task (T's rewritten; the last task's state.safetensors holds the
+whole new method state, so OUT can be continued again; everything else copied), continue.json:
+before/after accuracy on T's test set, on the held-back added samples and on every other task
+(with how many of their answers changed). Unlabelled records (empty gpt answer, as `kaizen hub
+samples export` writes them) are skipped and counted; a file with no usable record is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kaizen.runtime.errors import ConfigError
+
+from . import checkpoint as ck
+from .data.llava_json import _load_list, _where, first_exchange
+from .data.types import DataError, Sample, Task, check_image_file, normalize_answer, unique_in_order
+from .metrics import accuracy
+from .pack_meta import write_pack_meta
+
+
+TRAINABLE = ("prompt", "lora", "key")
+
+
+@dataclass
+class ContinueConfig:
+    run: str
+    add: str
+    task: str = ""
+    new_task: str = ""
+    out: str = ""
+    holdout: float = 0.25
+    epochs: int = 0  # 0 = the run's epochs
+    seed: int = 0
+    train: str = "prompt,lora"  # which of T's parameters train (--task); a new task trains all three
+
+    def __post_init__(self):
+        self.parts = tuple(x.strip() for x in self.train.split(",") if x.strip())
+        if not self.parts or set(self.parts) - set(TRAINABLE):
+            raise ConfigError(f"--train {self.train!r}: give a comma list of {list(TRAINABLE)}")
+        if bool(self.task) == bool(self.new_task):
+            raise ConfigError("train --continue needs exactly one of --task T (next version) or --new-task NAME")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.new_task and self.holdout <= 0.0:
+            raise ConfigError("--new-task needs --holdout > 0: the held-back samples are its test split")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs must be >= 1 (or 0 = the run's), got {self.epochs}")
+
+
+# --------------------------------------------------------------------------- added data
+
+
+def _unlabelled(record) -> bool:
+    """A record whose gpt answer is missing or empty (exported for labelling, not yet labelled)."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        return False
+    gpt = [t for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+    return not gpt or not str(gpt[0].get("value", "")).strip()
+
+
+def read_added(path: str | Path, task_id: str) -> tuple[list[tuple[str, Sample]], int]:
+    """([(record id, Sample)] of the labelled records, number of unlabelled ones skipped)."""
+    path = Path(path)
+    out, skipped, seen = [], 0, set()
+    for index, record in enumerate(_load_list(path)):
+        where = _where(path, index, record)
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        if _unlabelled(record):
+            skipped += 1
+            continue
+        rid, image = str(record.get("id", index)), record.get("image")
+        if rid in seen:
+            raise DataError(f"{where}: id {rid!r} occurs twice; record ids must be unique")
+        seen.add(rid)
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{where}: missing 'image' (the path of the part's image, relative to {path.parent})")
+        instruction, answer = first_exchange(record.get("conversations"), where)
+        check_image_file(path.parent / image, where)
+        out.append((rid, Sample(image=path.parent / image, instruction=instruction, answer=answer,
+                                task_id=task_id, source=where)))
+    if not out:
+        raise DataError(f"{path}: no labelled record ({skipped} unlabelled skipped); label them "
+                        "(kaizen hub samples import) before training")
+    return out, skipped
+
+
+def split_holdout(items: list[tuple[str, Sample]], share: float, seed: int):
+    """(train, held back): the `share` of records with the smallest sha256(seed:id), at least one
+    each when share > 0 and there are >= 2 records."""
+    order = sorted(items, key=lambda it: hashlib.sha256(f"{seed}:{it[0]}".encode()).hexdigest())
+    n = round(share * len(order))
+    if share > 0 and len(order) >= 2:
+        n = min(max(n, 1), len(order) - 1)
+    held = {rid for rid, _ in order[:n]}
+    return [it for it in items if it[0] not in held], [it for it in items if it[0] in held]
+
+
+def _pick(path: str, ids: list[str], task_id: str) -> list[Sample]:
+    """Samples of `ids` from an earlier continue run's added file (for old + new training data)."""
+    by_id = dict(read_added(path, task_id)[0])
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ConfigError(f"{path} no longer holds records {missing[:3]} that an earlier continue run trained "
+                          "on; restore the file or continue from the earlier run")
+    return [by_id[i] for i in ids]
+
+
+def rebuild_tasks(session) -> list[Task]:
+    """The run's stream: the built-in/TOML tasks, old train data + earlier additions, new tasks."""
+    tasks = list(session.tasks)
+    for extra in session.state.get("extra_tasks", []):
+        tasks.append(Task(extra["task_id"], _pick(extra["file"], extra["train_ids"], extra["task_id"]),
+                          _pick(extra["file"], extra["test_ids"], extra["task_id"]), answers=extra["answers"]))
+    for task_id, adds in session.state.get("added", {}).items():
+        t = [x.task_id for x in tasks].index(task_id)
+        more = [s for a in adds for s in _pick(a["file"], a["ids"], task_id)]
+        tasks[t] = with_train(tasks[t], more)
+    return tasks
+
+
+def with_train(task: Task, more: list[Sample]) -> Task:
+    return Task(task.task_id, task.train + more, task.test, answers=task.answers, metric=task.metric,
+                train_instructions=unique_in_order(task.train_instructions + [s.instruction for s in more]),
+                test_instructions=task.test_instructions, domain=task.domain)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(method, features, tasks: list[Task], i: int, batch_size: int = 32):
+    """(answers, selected task indices) of the full method (selection + fusion) on tasks[i].test."""
+    refs = [(i, j) for j in range(len(tasks[i].test))]
+    answers, picked = [], []
+    for s in range(0, len(refs), batch_size):
+        pred = method.predict(features.batch(tasks, refs[s:s + batch_size], "test"))
+        answers += pred.answers
+        picked += pred.selected
+    return answers, picked
+
+
+def snapshot(method, features, tasks: list[Task], t: int, heldout: Task | None) -> dict:
+    """Accuracy (+ selection) on every task's test set and on the held-back added samples (a probe
+    task whose test split they are, evaluated with the full method: selection, fusion, LoRA)."""
+    out = {"tasks": {}, "answers": {}}
+    probe = [heldout] if heldout is not None else []
+    for i, task in enumerate(tasks + probe):
+        answers, picked = predict(method, features, tasks + probe, i)
+        want = t if i == len(tasks) else i
+        r = {"acc": accuracy(answers, [s.answer for s in task.test], task.metric),
+             "selection": 100.0 * sum(p == want for p in picked) / len(picked), "n": len(picked)}
+        if i == len(tasks):
+            out["heldout"] = r
+        else:
+            out["tasks"][task.task_id] = r
+            out["answers"][task.task_id] = [f"{a}|{p}" for a, p in zip(answers, picked)]
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+def reopen(method, t: int, parts: tuple[str, ...], lr: float) -> list[dict]:
+    """Make task t's own parameters `parts` (prompt, key, lora) trainable again; return their
+    optimizer groups (prompt and key at lr * prompt_lr_mult, as in training)."""
+    if "lora" in parts and not method.per_task_lora:
+        raise ConfigError(f"method {method.name} has no per-task LoRA; train prompt and/or key")
+    method.current = t
+    fast = [p for name, p in (("prompt", method.prompts[t]), ("key", method.keys[t])) if name in parts]
+    groups = [{"params": fast, "lr": lr * method.cfg.prompt_lr_mult}] if fast else []
+    if "lora" in parts:
+        groups.append({"params": list(method.adapters[t].parameters()), "lr": lr})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def fit(method, features, tasks: list[Task], t: int, groups: list[dict], epochs: int, batch_size: int,
+        seed: int) -> dict:
+    """Train task t's parameter groups on tasks[t].train for `epochs` (shuffled per epoch)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed * 1_000_003 + t * 7919 + 17)
+    n = len(tasks[t].train)
+    out = {"steps": 0, "loss_first": None, "loss_last": None, "samples": n}
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=order).tolist()
+        for s in range(0, n, batch_size):
+            loss = method(features.batch(tasks, [(t, i) for i in perm[s:s + batch_size]], "train"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            out["loss_first"] = value if out["loss_first"] is None else out["loss_first"]
+            out["loss_last"], out["steps"] = value, out["steps"] + 1
+    out["seconds"] = time.perf_counter() - start
+    method.end_task(t, tasks[t])
+    return out
+
+
+def continue_run(cc: ContinueConfig, shared=None) -> dict:
+    """Run one continue step (see the module docstring); return continue.json's content."""
+    from .train import Session
+
+    run = Path(cc.run)
+    session = Session.from_run(run, shared)
+    state = session.state
+    if state.get("status") != "done":
+        raise ConfigError(f"{run}/run.json: the run is not finished (status {state.get('status')!r}); "
+                          "finish it with kaizen train --resume first")
+    tasks = rebuild_tasks(session)
+    ids = [x.task_id for x in tasks]
+    name = cc.task or cc.new_task
+    if cc.task and cc.task not in ids:
+        raise ConfigError(f"--task {cc.task!r} is not in {run}'s stream {ids}; use --new-task to add a task")
+    if cc.new_task and cc.new_task in ids:
+        raise ConfigError(f"--new-task {cc.new_task!r} already exists in {run}; use --task to improve it")
+    versions = {i: int(state.get("versions", {}).get(i, 1)) for i in ids}
+    version = versions[name] + 1 if cc.task else 1
+    out = Path(cc.out) if cc.out else run / "continue" / f"{name}-v{version}"
+    if (out / ck.RUN_JSON).exists():
+        raise ConfigError(f"{out} already holds a run; choose another --out")
+    added, skipped = read_added(cc.add, name)
+    train_items, held_items = split_holdout(added, cc.holdout, cc.seed)
+    heldout = [s for _, s in held_items]
+    probe = Task(f"{name}#heldout", heldout, heldout) if heldout and cc.task else None
+    if cc.task:
+        answers = tasks[ids.index(name)].answers
+        if answers:
+            allowed = {normalize_answer(a) for a in answers}
+            for _, s in added:
+                if normalize_answer(s.answer) not in allowed:
+                    raise DataError(f"{s.source}: answer {s.answer!r} is not in task {name!r}'s answer set {answers}")
+    session.tasks = tasks  # the Context of restore() shares this list
+    method = session.restore(len(tasks) - 1)
+    torch.set_num_threads(session.cfg.threads)
+    epochs, lr = cc.epochs or session.cfg.epochs, session.cfg.lr
+    if cc.task:
+        t = ids.index(name)
+        before = snapshot(method, session.features, tasks, t, probe)
+        tasks[t] = with_train(tasks[t], [s for _, s in train_items])
+        groups = reopen(method, t, cc.parts, lr)
+    else:
+        t = len(tasks)
+        labels = sorted({s.answer for _, s in added})
+        tasks.append(Task(name, [s for _, s in train_items], heldout, answers=labels))
+        before = snapshot(method, session.features, tasks[:t], t, None)
+        method.begin_task(t, tasks[t])
+        groups = method.param_groups(t, lr)
+    trained = fit(method, session.features, tasks, t, groups, epochs, session.cfg.batch_size, cc.seed)
+    after = snapshot(method, session.features, tasks, t, probe)
+    session.run = out
+    return write_out(cc, session, method, tasks, t, version, versions, before, after, trained,
+                     {"file": str(Path(cc.add).resolve()), "labelled": len(added), "unlabelled_skipped": skipped,
+                      "train": len(train_items), "heldout": len(held_items),
+                      "train_ids": [i for i, _ in train_items], "heldout_ids": [i for i, _ in held_items]})
+
+
+# --------------------------------------------------------------------------- writing OUT
+
+
+def _summary(snap: dict, name: str) -> dict:
+    return {"test": snap["tasks"].get(name, {}).get("acc"), "heldout": snap.get("heldout", {}).get("acc"),
+            "selection": snap["tasks"].get(name, {}).get("selection"),
+            "others": {k: v["acc"] for k, v in snap["tasks"].items() if k != name}}
+
+
+def write_out(cc: ContinueConfig, session, method, tasks: list[Task], t: int, version: int, versions: dict,
+              before: dict, after: dict, trained: dict, add_info: dict) -> dict:
+    """OUT: copied task folders, task t's new pack files, run.json and continue.json."""
+    from safetensors.torch import save_file
+
+    run, out, state, name = Path(cc.run), session.run, session.state, tasks[t].task_id
+    for i, task in enumerate(tasks):
+        if i != t:
+            shutil.copytree(ck.task_dir(run, i, task.task_id), ck.task_dir(out, i, task.task_id))
+    counts = method.param_counts(t)
+    if cc.task:
+        counts = {k: v for k, v in counts.items() if k in cc.parts}
+    row = {"task_index": t, "task_id": name, "train_seconds": trained["seconds"], "steps": trained["steps"],
+           "train_samples": trained["samples"], "loss_first": trained["loss_first"], "loss_last": trained["loss_last"],
+           "params": counts, "trainable_params": int(sum(counts.values())),
+           "acc": [after["tasks"][x.task_id]["acc"] for x in tasks], "selection_mean": after["tasks"][name]["selection"],
+           "version": version}
+    text_emb = session.features.text_embeddings(list(tasks[t].train_instructions)).numpy()
+    ck.save_task(out, t, name, method, row, extra={"text_emb": text_emb})
+    last = len(tasks) - 1
+    if last != t:  # restore(last) of OUT must give the new method: its state lives with the last task
+        state_now = {k: v.detach().contiguous().clone() for k, v in method.state_dict().items()}
+        save_file(state_now, str(ck.task_dir(out, last, tasks[last].task_id) / "state.safetensors"))
+    write_pack_meta(session, method, t, row)
+    meta_path = ck.task_dir(out, t, name) / "pack_meta.json"
+    meta = json.loads(meta_path.read_text())
+    b, a = _summary(before, name), _summary(after, name)
+    meta["version"] = version
+    meta["parent_version"] = versions.get(name) if cc.task else None
+    meta["metrics"].update({"version": version, "accuracy_before": b["test"], "heldout_accuracy_before": b["heldout"],
+                            "heldout_accuracy_after": a["heldout"], "added_samples": add_info["train"],
+                            "heldout_samples": add_info["heldout"]})
+    ck.write_json(meta_path, meta)
+    changed = {k: sum(x != y for x, y in zip(before["answers"][k], after["answers"][k]))
+               for k in before["answers"] if k != name}
+    report = {"kind": "continue" if cc.task else "new_task", "task": name, "version": version,
+              "parent_version": versions.get(name) if cc.task else None, "run": str(run.resolve()),
+              "out": str(out.resolve()), "added": add_info,
+              "train": {**trained, "epochs": cc.epochs or session.cfg.epochs, "seed": cc.seed,
+                        "trained": list(TRAINABLE if cc.new_task else cc.parts)},
+              "before": b, "after": a, "others_changed_answers": changed,
+              "others_unchanged": not any(changed.values())}
+    new_state = dict(state, config=dict(state["config"], out=str(out)), stream=[x.task_id for x in tasks],
+                     versions={**versions, name: version}, status="done",
+                     parent={"run": str(run.resolve()), "task": name, "version": report["parent_version"]})
+    new_state["continues"] = list(state.get("continues", [])) + [
+        {k: report[k] for k in ("kind", "task", "version", "before", "after", "others_unchanged")}]
+    if cc.task:
+        added = {k: list(v) for k, v in state.get("added", {}).items()}
+        added.setdefault(name, []).append({"file": add_info["file"], "ids": add_info["train_ids"]})
+        new_state["added"] = added
+    else:
+        new_state["extra_tasks"] = list(state.get("extra_tasks", [])) + [
+            {"task_id": name, "file": add_info["file"], "train_ids": add_info["train_ids"],
+             "test_ids": add_info["heldout_ids"], "answers": list(tasks[t].answers)}]
+        new_state["rows"] = list(state["rows"]) + [row]
+    ck.write_json(out / ck.RUN_JSON, new_state)
+    ck.write_json(out / "continue.json", report)
+    return report
+
+
+def cli_main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="kaizen train --continue", description=__doc__.splitlines()[0])
+    ap.add_argument("--continue", dest="run", required=True, metavar="RUN", help="a finished training run folder")
+    ap.add_argument("--task", default="", help="the task whose next pack version to train")
+    ap.add_argument("--new-task", default="", help="name of a new task to start from the added samples")
+    ap.add_argument("--add", required=True, metavar="DATA.json", help="labelled LLaVA JSON (kaizen hub samples export)")
+    ap.add_argument("--out", default="", help="output run folder (default RUN/continue/TASK-vN)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="share of the added samples held back for evaluation")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs (default: the run's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", default=ContinueConfig.train, help="which of the task's parameters train: comma list "
+                    "of prompt, lora, key (a trained key may change which packs other tasks' parts select)")
+    a = ap.parse_args(argv)
+    r = continue_run(ContinueConfig(run=a.run, add=a.add, task=a.task, new_task=a.new_task, out=a.out,
+                                    holdout=a.holdout, epochs=a.epochs, seed=a.seed, train=a.train))
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1f}"
+    print(f"{r['task']} v{r['version']}: test {pct(r['before']['test'])} -> {pct(r['after']['test'])}, held-back added "
+          f"{pct(r['before']['heldout'])} -> {pct(r['after']['heldout'])} ({r['added']['heldout']} samples), other tasks "
+          f"{'unchanged' if r['others_unchanged'] else 'CHANGED: ' + str(r['others_changed_answers'])}  -> {r['out']}")
+    return 0
