@@ -1,17 +1,18 @@
 """`kaizen train --continue`: the next version of one task's pack from captured, labelled samples.
 
     kaizen train --continue RUN --task seal_defect --add samples/data.json [--out OUT]
-                 [--holdout 0.25] [--epochs N] [--seed S] [--train-key]
+                 [--holdout 0.25] [--epochs N] [--seed S] [--train prompt,lora]
     kaizen train --continue RUN --new-task gasket_defect --add unmatched/data.json [--out OUT]
 
---task T: restore the method after RUN's last task, re-open T and train ONLY T's prompt and LoRA
-(its key stays frozen unless --train-key) on T's old train data (the stream's, plus what earlier
+--task T: restore the method after RUN's last task, re-open T and train ONLY T's own parameters
+(--train, default prompt and LoRA; its key stays frozen unless listed) on T's old train data (the stream's, plus what earlier
 continue runs added) + the added samples, except a deterministic share (--holdout, chosen by
 sha256 of seed and record id, so it does not depend on record order) held back for evaluation.
 Other tasks' parameters never change, and their pack files are copied byte for byte.
 Why the key stays frozen: selection (which packs a part picks, and the top-k prompts fused for
 it) depends on every key, so a moved key can change other tasks' answers; with the key frozen
-only parts whose top-k already contains T can change (T's prompt is fused into them).
+only parts whose top-k already contains T can change (T's prompt is fused into them), and with
+--train lora only parts that select T (their top-1) can change.
 --new-task NAME: append a task to the stream from labelled samples: its answer set is the
 labels seen, its test split the held-back share; it trains like any task (prompt, key, LoRA).
 

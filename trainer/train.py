@@ -304,7 +304,7 @@ def config_from_args(a, method: str, out: str, seed: int | None = None) -> Train
 
 
 def cli_main(argv: list[str]) -> int:
-    if "--continue" in argv:  # the improvement loop: its own options (continue_run.py)
+    if any(a == "--continue" or a.startswith("--continue=") for a in argv):  # the improvement loop: its own options (continue_run.py)
         from .continue_run import cli_main as continue_main
 
         return continue_main(argv)
