@@ -307,3 +307,81 @@ def _many_parts_through_restarts(fleet, n: int) -> dict:
 
 def test_1000_parts_through_hub_and_station_restarts_none_lost(fleet):
     print(_many_parts_through_restarts(fleet, 1000))   # about 5 s here
+
+
+# ---------------------------------------------------------------- the uploader alone, on a simulated clock
+
+
+def _ack(msg, offset, done=False, **extra):
+    return {"sample_id": msg.body["sample_id"], "offset": offset, "done": done, **extra}, msg.msg_id
+
+
+def test_uploader_window_resends_and_backoff_for_a_hub_without_samples(tmp_path):
+    from kaizen.runtime.uploader import Uploader
+
+    q = CaptureQueue(tmp_path / "q", station_id="line1/s00")
+    try:
+        sent_ids = capture(q, range(10))
+        up = Uploader(q, window=4, resend_s=1.0, pause_first_s=30.0, pause_max_s=120.0)
+        out = []
+        up.pump(0.0, out.append)
+        assert len(out) == 4 and [m.body["sample_id"] for m in out] == q.pending(4)   # oldest first, window 4
+        assert all(m.body["meta"]["sample_id"] == m.body["sample_id"] for m in out)
+        up.pump(0.5, out.append)
+        assert len(out) == 4
+        up.pump(1.0, out.append)
+        assert len(out) == 8 and up.stats.resends == 4       # no ack in resend_s: sent again...
+        up.pump(2.5, out.append)
+        assert len(out) == 8                                  # ...and the next wait is twice as long
+        up.pump(3.0, out.append)
+        assert len(out) == 12
+        body, reply_to = _ack(out[-1], out[-1].body["total_size"], done=True)
+        up.on_ack(body, reply_to)
+        assert q.stats()["uploaded"] == 1
+        assert up.on_error("unsupported_type", out[-2].msg_id) is True
+        assert up.on_error("unsupported_type", out[-3].msg_id) is True   # same window: one pause, not three
+        assert up.on_error("bad_body", "f" * 32) is False                  # not one of ours: the daemon's
+        assert up.paused_until == 33.0 and up.in_flight == [] and up.stats.old_hub == 1
+        for t, pause in ((33.0, 60.0), (93.0, 120.0), (213.0, 120.0)):   # doubling, capped
+            up.pump(t - 1, out.append)
+            n = len(out)
+            up.pump(t, out.append)
+            assert len(out) == n + 4
+            up.on_error("unknown_type", out[-1].msg_id)
+            assert up.paused_until == t + pause
+        assert q.stats()["pending"] == len(sent_ids) - 1 and q.stats()["refused"] == 0   # nothing dropped
+    finally:
+        q.close()
+
+
+def test_uploader_acks_resume_refuse_and_halve_chunks(tmp_path):
+    from kaizen.runtime.uploader import Uploader
+
+    q = CaptureQueue(tmp_path / "q", station_id="line1/s00")
+    try:
+        big = capture(q, [1], size=256)
+        small = capture(q, [2])
+        [sid] = big
+        up = Uploader(q, chunk_bytes=16384, window=2, resend_s=1.0)
+        out = []
+        up.pump(0.0, out.append)
+        first = next(m for m in out if m.body["sample_id"] == sid)
+        assert first.body["offset"] == 0 and len(first.buffers["data"]) == 16384
+        up.on_ack(*_ack(first, 30000))                      # the hub holds more (an earlier upload): jump there
+        up.pump(0.1, out.append)
+        assert out[-1].body["offset"] == 30000 and up.stats.resumed == 1
+        up.on_ack(*_ack(first, 0))                          # a stale ack of an older chunk: ignored
+        up.on_ack(*_ack(out[-1], 46384))
+        up.pump(0.2, out.append)
+        assert out[-1].body["offset"] == 46384
+        assert up.on_error("too_large", out[-1].msg_id) is True
+        up.pump(0.3, out.append)
+        assert up.chunk_bytes == 8192 and out[-1].body["offset"] == 46384 and len(out[-1].buffers["data"]) == 8192
+        other = next(m for m in out if m.body["sample_id"] != sid)
+        up.on_ack(*_ack(other, 0, done=True, refused="meta.reason must be one of ..."))
+        assert q.stats()["refused"] == 1 and list((tmp_path / "q" / "refused").glob("*.json"))
+        assert up.stats.refusals == {next(iter(small)): "meta.reason must be one of ..."}
+        up.on_ack(*_ack(out[-1], 0, retry_s=300.0))         # the hub is full: everything waits
+        assert up.paused_until == pytest.approx(300.3) and up.stats.hub_full == 1 and q.stats()["pending"] == 1
+    finally:
+        q.close()
