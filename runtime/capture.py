@@ -114,7 +114,7 @@ class CaptureQueue:
         self._cond = threading.Condition()   # guards everything below; never held during disk I/O
         self._mem: deque[_Item] = deque()
         self._mem_bytes = 0
-        self._busy = False
+        self._busy: _Item | None = None   # the item the writer is persisting
         self._closed = False
         self._index: OrderedDict[str, tuple[int, int]] = OrderedDict()   # sample_id -> (seq, bytes), oldest first
         self._pending_bytes = 0
@@ -160,7 +160,8 @@ class CaptureQueue:
     def has(self, sample_id: str) -> bool:
         """True if the sample is on disk or (identified) waiting in memory."""
         with self._cond:
-            return sample_id in self._index or any(i.encoded and i.encoded[2] == sample_id for i in self._mem)
+            items = [*self._mem, self._busy] if self._busy else self._mem
+            return sample_id in self._index or any(i.encoded and i.encoded[2] == sample_id for i in items)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything offered so far is persisted (or dropped); False on timeout."""
@@ -240,7 +241,7 @@ class CaptureQueue:
                     return
                 item = self._mem.popleft()
                 self._mem_bytes -= item.nbytes
-                self._busy = True
+                self._busy = item
             try:
                 self._persist(item)
             except Exception:   # the writer must outlive any one bad sample (disk full, odd image): logged
@@ -253,7 +254,7 @@ class CaptureQueue:
                 if idle:
                     self._save_counters()
                 with self._cond:
-                    self._busy = False
+                    self._busy = None
                     self._cond.notify_all()
 
     def _persist(self, item: _Item) -> None:

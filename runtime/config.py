@@ -50,6 +50,43 @@ def _check_positive(source: str, name: str, value: Any, *, integer: bool = False
         raise _fail(source, name, f"{value!r} must be {kind}")
 
 
+def _check_level(source: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise _fail(source, name, f"{value!r} must be a number in [0, 1]")
+
+
+@dataclass
+class CaptureConfig:
+    """station.toml `[capture]`: parts the station keeps for the hub (the improvement loop).
+
+    No-match parts are always captured, answered parts below their task's confidence level too;
+    the queue (state_dir/capture) holds at most max_items samples and max_mb MiB, oldest dropped."""
+
+    enabled: bool = True
+    max_items: int = 10_000
+    max_mb: float = 512.0
+    confidence: float = 0.5               # answered parts below this confidence are captured
+    task_confidence: dict = field(default_factory=dict)   # [capture.task_confidence] task = level
+    source: str = "<station config>"
+
+    def __post_init__(self) -> None:
+        src = self.source
+        if not isinstance(self.enabled, bool):
+            raise _fail(src, "capture.enabled", f"{self.enabled!r} must be true or false")
+        _check_positive(src, "capture.max_items", self.max_items, integer=True)
+        _check_positive(src, "capture.max_mb", self.max_mb)
+        _check_level(src, "capture.confidence", self.confidence)
+        if not isinstance(self.task_confidence, dict):
+            raise _fail(src, "capture.task_confidence", f"{self.task_confidence!r} must be a table "
+                        "of task = level, e.g. [capture.task_confidence] seal = 0.8")
+        for task, level in self.task_confidence.items():
+            _check_level(src, f"capture.task_confidence.{task}", level)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * (1 << 20))
+
+
 @dataclass
 class StationConfig:
     """One station: its identity and keys, the hub it talks to, and its local folders."""
@@ -80,10 +117,15 @@ class StationConfig:
     metrics_listen: str = ""              # Prometheus /metrics "127.0.0.1:9464"; "" = off
     metrics_allow_remote: bool = False    # allow a non-loopback metrics_listen (no authentication)
     log_format: str = "plain"             # or "json": one JSON object per line
+    capture: CaptureConfig = field(default_factory=CaptureConfig)   # the [capture] table
     source: str = "<station config>"      # the file it came from (for error messages)
 
     def __post_init__(self) -> None:
         src = self.source
+        if isinstance(self.capture, dict):
+            self.capture = _build(CaptureConfig, self.capture, src, "capture", (), Path("."))
+        elif not isinstance(self.capture, CaptureConfig):
+            raise _fail(src, "capture", f"{self.capture!r} must be a table ([capture])")
         _check_station_id(src, "station_id", self.station_id)
         _check_endpoint(src, "hub_endpoint", self.hub_endpoint)
         self.runtime_dir = Path(self.runtime_dir or Path(self.state_dir) / "run")
@@ -169,9 +211,9 @@ STATION_PATHS = ("hub_public_key_file", "public_key_file", "secret_key_file", "b
 
 
 def load_station_config(path: str | Path) -> StationConfig:
-    """Read a station.toml (all fields at top level, or under a [station] table)."""
+    """Read a station.toml (all fields at top level, or under a [station] table; [capture] either way)."""
     path = Path(path)
     data = _read_toml(path)
-    if "station" in data and isinstance(data["station"], dict) and len(data) == 1:
-        data = data["station"]
+    if isinstance(data.get("station"), dict) and set(data) <= {"station", "capture"}:
+        data = {**data["station"], **({"capture": data["capture"]} if "capture" in data else {})}
     return _build(StationConfig, data, str(path), "", STATION_PATHS, path.resolve().parent)

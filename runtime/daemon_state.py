@@ -123,15 +123,27 @@ def base_fingerprint_of(installer) -> str:
 
 
 def station_from_config(cfg):
-    """The Station a station.toml describes (base bundle + pack store + selection settings)."""
+    """The Station a station.toml describes (base bundle + pack store + selection settings), with
+    its capture queue in state_dir/capture when [capture] is enabled (closed by Station.close)."""
+    from .capture import CaptureQueue
     from .keys import TrustedKeys
     from .station import Station
 
     trusted = TrustedKeys.from_dir(cfg.trusted_keys_dir)
-    return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
-                   calibrated=cfg.calibrated_threshold,
-                   top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads,
-                   max_image_pixels=cfg.max_image_pixels, max_instruction_tokens=cfg.max_instruction_tokens)
+    cap = cfg.capture
+    queue = (CaptureQueue(Path(cfg.state_dir) / "capture", station_id=cfg.station_id, max_items=cap.max_items,
+                          max_bytes=cap.max_bytes) if cap.enabled else None)
+    try:
+        return Station(cfg.bundle_dir, cfg.store_dir, trusted_keys=trusted, threshold=cfg.threshold,
+                       calibrated=cfg.calibrated_threshold,
+                       top_k=cfg.top_k, providers=cfg.providers or None, threads=cfg.threads,
+                       max_image_pixels=cfg.max_image_pixels, max_instruction_tokens=cfg.max_instruction_tokens,
+                       capture=queue, capture_confidence=cap.confidence,
+                       capture_task_confidence=cap.task_confidence)
+    except BaseException:
+        if queue is not None:
+            queue.close()
+        raise
 
 
 @dataclass

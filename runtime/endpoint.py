@@ -1,8 +1,9 @@
 """The station's local inference endpoint: a ZeroMQ ROUTER server, its client, a latency bench.
 
-Protocol: runtime/PROTOCOL.md ("Inference link"). The server answers `infer_request` and
-`status_request` for any backend with ``infer(image, instruction, task=None) -> dict`` and
-``status() -> dict`` (the real one is kaizen.runtime.station.Station). Every bad request gets
+Protocol: runtime/PROTOCOL.md ("Inference link"). The server answers `infer_request`,
+`status_request` and `feedback` for any backend with ``infer(image, instruction, task=None) -> dict``,
+``status() -> dict`` and ``feedback(answer, part_id, image, instruction, task) -> dict`` (the real
+one is kaizen.runtime.station.Station; a backend without `feedback` answers it unsupported_type). Every bad request gets
 an `error` reply and the server keeps serving; whatever goes wrong with one message (even a
 failed send) is logged and counted, never the end of the thread. Requests are answered one at
 a time, in arrival order, by one thread (the backend is the bottleneck; clients may be many).
@@ -10,7 +11,8 @@ Admin commands (rollback, install) are not served here: see runtime/admin.py.
 
     with InferenceServer(station, "ipc:///run/kaizen/infer.sock") as server:
         with InferenceClient(server.endpoint, timeout_ms=5000) as client:
-            print(client.infer(Path("part.png"), "is the part scratched?"))
+            r = client.infer(Path("part.png"), "is the part scratched?")
+            client.feedback("scratched", part_id=r["part_id"])   # the operator's correction
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ import numpy as np
 import zmq
 
 from .errors import ConfigError, InputError, KaizenError
-from .protocol import MAX_MESSAGE_BYTES, Message, WireError, decode, error_reply, ok_reply, split_envelope
+from .protocol import (
+    IMAGE_FORMATS,
+    MAX_MESSAGE_BYTES,
+    Message,
+    WireError,
+    decode,
+    error_reply,
+    ok_reply,
+    split_envelope,
+)
 
 log = logging.getLogger(__name__)
 
-SERVED_TYPES = frozenset({"infer_request", "status_request"})
+SERVED_TYPES = frozenset({"infer_request", "status_request", "feedback"})
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 LATENCY_WINDOW = 1000  # successful infer requests kept for the percentiles
 
@@ -244,6 +255,8 @@ class InferenceServer:
             return ok_reply(request, {"station": self.backend.status(),
                                       "endpoint": self.stats.snapshot()})
         try:
+            if request.msg_type == "feedback":
+                return feedback_reply(self.backend, request)
             image, instruction, task = _infer_args(request)
             result = self.backend.infer(image, instruction, task=task)
         except InputError as err:
@@ -282,18 +295,51 @@ def _infer_args(request: Message):
     task = body.get("task")
     if task is not None and not isinstance(task, str):
         raise WireError("bad_body", f"infer_request task must be a string or null, got {task!r}")
-    image = request.buffers["image"]
-    if body["image_format"] == "encoded":
+    return _image_arg(request), instruction, task
+
+
+def _image_arg(request: Message):
+    """Buffer "image" checked against body["image_format"]; InputError when they do not fit."""
+    image, kind = request.buffers["image"], request.msg_type
+    if request.body["image_format"] == "encoded":
         if not isinstance(image, bytes) or not image:
-            raise InputError("infer_request image_format 'encoded' needs buffer 'image' as "
+            raise InputError(f"{kind} image_format 'encoded' needs buffer 'image' as "
                              "non-empty bytes of a PNG/JPEG file")
     elif not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
             or image.shape[2] != 3 or 0 in image.shape:
         desc = (f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray)
                 else "bytes")
-        raise InputError(f"infer_request image_format 'array' needs buffer 'image' as uint8 "
+        raise InputError(f"{kind} image_format 'array' needs buffer 'image' as uint8 "
                          f"[H, W, 3] (RGB), got {desc}")
-    return image, instruction, task
+    return image
+
+
+def feedback_reply(backend, request: Message) -> Message:
+    """Answer a `feedback` (the correct answer for a part) with the backend's
+    ``feedback(answer, part_id, image, instruction, task)`` -> feedback_reply {sample_id, captured}.
+    Unusable fields raise WireError (bad_body) or InputError (bad_input) for _dispatch to answer."""
+    handler = getattr(backend, "feedback", None)
+    if not callable(handler):
+        return error_reply(request, "unsupported_type", "this station's backend takes no feedback")
+    body = request.body
+    for name in ("part_id", "task", "instruction"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise WireError("bad_body", f"feedback {name} must be a string or absent, got "
+                            f"{type(body[name]).__name__}")
+    image = None
+    if "image" in request.buffers:
+        if body.get("image_format") not in IMAGE_FORMATS:
+            raise WireError("bad_body", "feedback with buffer 'image' needs image_format "
+                            f"'encoded' or 'array', got {body.get('image_format')!r}")
+        image = _image_arg(request)
+        if body.get("instruction") is None:
+            raise InputError("feedback with an image needs the instruction asked about it")
+    elif body.get("part_id") is None:
+        raise InputError("feedback needs part_id (from an infer_reply), or instruction + "
+                         "image_format + buffer 'image'")
+    out = handler(body["answer"], part_id=body.get("part_id"), image=image,
+                  instruction=body.get("instruction"), task=body.get("task"))
+    return ok_reply(request, {"sample_id": str(out["sample_id"]), "captured": bool(out["captured"])})
 
 
 class InferenceClient:
@@ -324,17 +370,28 @@ class InferenceClient:
 
     def infer(self, image, instruction: str, task: str | None = None) -> dict:
         """image: PNG/JPEG bytes, a path to such a file, or a uint8 [H, W, 3] array."""
-        if isinstance(image, (str, Path)):
-            try:
-                image = Path(image).read_bytes()
-            except OSError as err:
-                raise InputError(f"cannot read image file {image}: {err}") from err
+        image = _read_image(image)
         fmt = "array" if isinstance(image, np.ndarray) else "encoded"
         body = {"instruction": instruction, "image_format": fmt}
         if task is not None:
             body["task"] = task
         reply = self.request(Message("infer_request", body, {"image": image}))
         return {k: v for k, v in reply.body.items() if k != "status"}
+
+    def feedback(self, answer: str, part_id: str | None = None, image=None,
+                 instruction: str | None = None, task: str | None = None) -> dict:
+        """The correct answer for a part: by the part_id of its infer reply (the station keeps its
+        last parts), or by image (as for infer) + instruction. -> {"sample_id", "captured"}."""
+        body = {"answer": answer}
+        body.update({k: v for k, v in (("part_id", part_id), ("instruction", instruction),
+                                        ("task", task)) if v is not None})
+        buffers = {}
+        if image is not None:
+            image = _read_image(image)
+            body["image_format"] = "array" if isinstance(image, np.ndarray) else "encoded"
+            buffers["image"] = image
+        reply = self.request(Message("feedback", body, buffers))
+        return {"sample_id": reply.body["sample_id"], "captured": reply.body["captured"]}
 
     def status(self) -> dict:
         """{"station": backend.status(), "endpoint": counters and latency percentiles}."""
@@ -376,6 +433,16 @@ class InferenceClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_image(image):
+    """A path's bytes; bytes and arrays as they are."""
+    if isinstance(image, (str, Path)):
+        try:
+            return Path(image).read_bytes()
+        except OSError as err:
+            raise InputError(f"cannot read image file {image}: {err}") from err
+    return image
 
 
 class _EchoBackend:

@@ -9,6 +9,11 @@ pack's key (runtime/selection.py); the top-k packs' prompts are concatenated bes
 top-1 pack's LoRA and closed answer set are used. Below `threshold` the station answers
 "no task matches" instead of guessing. Requests read one immutable snapshot of the installed
 set, so an install or rollback never changes a request in flight.
+
+Every result carries a `part_id`; the last parts are kept (runtime/capture_policy.py) so that
+`st.feedback("torn", part_id=...)` records an operator's correction without resending the image.
+With `capture=CaptureQueue(...)` (runtime/capture.py) no-match parts and answers below the task's
+capture confidence are queued for the hub, off the inference path.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +29,8 @@ import numpy as np
 
 from . import RUNTIME_VERSION
 from .bundle import Bundle
+from .capture import encoded_image, sample_id_of
+from .capture_policy import CapturePolicy, RecentParts, check_feedback
 from .durable import atomic_write_bytes
 from .engine import Engine
 from .errors import InputError, PackError
@@ -73,7 +81,9 @@ class Station:
     def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
                  top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
                  max_new_tokens: int = 16, probe_golden: bool = True, max_image_pixels: int = MAX_PIXELS,
-                 max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS, calibrated: bool = False):
+                 max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS, calibrated: bool = False,
+                 capture=None, capture_confidence: float = 0.5, capture_task_confidence: dict | None = None,
+                 recent_parts: int = 256):
         self.bundle = Bundle.open(bundle_dir, providers=providers, threads=threads)
         self.engine = Engine(self.bundle, max_instruction_tokens=max_instruction_tokens)
         self.max_image_pixels = max_image_pixels
@@ -87,6 +97,9 @@ class Station:
         self._snap = self._snapshot()
         self.started_at = time.time()
         self.metrics = None   # a StationMetrics (runtime/station_metrics.py): installs, rollbacks, rejections
+        self.capture = capture   # a CaptureQueue, or None: nothing is captured
+        self.capture_policy = CapturePolicy(capture_confidence, dict(capture_task_confidence or {}))
+        self.recent = RecentParts(recent_parts)
 
     # --- pack management -------------------------------------------------------------------------
     def install(self, kpk_path):
@@ -128,7 +141,7 @@ class Station:
         (status() says why), packs whose key is trusted again come back. Returns what moved."""
         with self._lock:
             moved = self.store.reload_keys(trusted_keys)
-            self._snap = _snapshot(self.store.active())
+            self._snap = self._snapshot()
         return moved
 
     def _read_rolled_back(self) -> dict[str, list[int]]:
@@ -214,7 +227,8 @@ class Station:
             check_instruction_tokens(self.engine.tok, t, self.engine.max_instruction_tokens)
         rgb = [load_rgb(im, self.max_image_pixels) for im in images]
         if not snap.packs:
-            return [self._no_match({}, "no task packs are installed") for _ in range(n)]
+            return self._remember(images, rgb, instructions,
+                                  [self._no_match({}, "no task packs are installed") for _ in range(n)])
         t1 = time.perf_counter()
         q_img, feats = self.engine.image_queries(rgb)
         s = scores(q_img, self._text_queries(snap, instructions), snap.keys, self.alpha)
@@ -250,7 +264,44 @@ class Station:
                   "total_ms": (t3 - t0) * 1e3, "batch": n}
         for r in results:
             r["timings_ms"] = timing
+        return self._remember(images, rgb, instructions, results)
+
+    def _remember(self, images, rgb, instructions, results: list[dict]) -> list[dict]:
+        """Give each result a part_id, keep the part for feedback, queue the unsure ones for capture
+        (the queue's writer thread encodes and writes them: nothing here waits for the disk)."""
+        for image, pil, instruction, r in zip(images, rgb, instructions, results):
+            r["part_id"] = uuid.uuid4().hex
+            kept = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else pil
+            self.recent.put(r["part_id"], kept, instruction, r)
+            if self.capture is not None and (reason := self.capture_policy.reason(r)):
+                self.capture.offer(kept, instruction, r, reason, identify=False)
         return results
+
+    def feedback(self, answer: str, part_id: str | None = None, image=None, instruction: str | None = None,
+                 task: str | None = None) -> dict:
+        """An operator's (or PLC's) correct answer for a part, by the part_id of its result or by
+        its image + instruction: captured with the answer as label. -> {"sample_id", "captured"}
+        (captured is False when capture is off or the same sample is already queued)."""
+        answer, task = check_feedback(answer, task)
+        part = self.recent.get(part_id) if isinstance(part_id, str) else None
+        if part is not None:
+            image, instruction, result = part
+        elif image is None:
+            raise InputError(f"feedback part_id {part_id!r} is unknown or expired (the station keeps its last "
+                             f"{self.recent.max_items} parts): send the image and instruction with the answer"
+                             if part_id is not None else "feedback needs the part_id of an infer reply, or the "
+                             "image and instruction of the part")
+        else:
+            instruction, result = check_instruction(instruction), None
+            check_instruction_tokens(self.engine.tok, instruction, self.engine.max_instruction_tokens)
+            pil = load_rgb(image, self.max_image_pixels)
+            image = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else pil
+        data, _ = encoded_image(image)
+        sample_id = sample_id_of(data, instruction, answer)
+        captured = self.capture is not None and not self.capture.has(sample_id)
+        if captured:
+            self.capture.offer(data, instruction, result, "feedback", label=answer, task_hint=task)
+        return {"sample_id": sample_id, "captured": captured}
 
     SCORES_SHOWN = 8
 
@@ -269,7 +320,10 @@ class Station:
                 "providers": self.bundle.providers, "packs": self.store.list(),
                 "inactive_packs": [{"task": t, "reason": r} for t, r in sorted(self.store.inactive().items())],
                 "threshold": self.threshold,
-                "top_k": self.top_k, "uptime_s": round(time.time() - self.started_at, 1)}
+                "top_k": self.top_k, "uptime_s": round(time.time() - self.started_at, 1),
+                **({"capture": self.capture.stats()} if self.capture is not None else {})}
 
     def close(self) -> None:
+        if self.capture is not None:
+            self.capture.close()
         self.store.close()

@@ -37,6 +37,7 @@ def cli_serve(argv: list[str]) -> int:
 
     setup_logging(cfg.log_format)   # plain, or one JSON object per line
     station = station_from_config(cfg)
+    capture = getattr(station, "capture", None)   # the CaptureQueue of [capture] (None: off)
     server = InferenceServer(station, cfg.inference_endpoint)
     metrics = serve_station_metrics(cfg, station, server)   # Prometheus on metrics_listen; None when off
     server.start()
@@ -64,7 +65,7 @@ def cli_serve(argv: list[str]) -> int:
                         log.error("trusted keys not reloaded, still using the previous ones: %s", err)
         else:
             link = FleetLink.from_config(cfg, base_fingerprint_of(station))
-            daemon = StationDaemon(link, station, serving=lambda: True)
+            daemon = StationDaemon(link, station, serving=lambda: True, capture=capture)   # uploads it
             if metrics is not None:
                 metrics.watch_link(daemon)
             if threading.current_thread() is threading.main_thread():
@@ -75,6 +76,8 @@ def cli_serve(argv: list[str]) -> int:
     finally:
         server.stop()
         admin.stop()
+        if capture is not None:
+            capture.close()   # what is still queued in memory is written before the process exits
         if metrics is not None:
             metrics.stop()
     print(json.dumps({"station": cfg.station_id, "stopped": True}))
