@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ CONFIG_POLL_S = 1.0      # hub.toml (allow-list, trusted keys) is re-read when i
 FETCHES_KEPT = 1000      # HubStats.fetches keeps the latest; fetch_count counts them all
 REFUSED_KEPT = 100
 MAX_ID_CHARS = 200       # base_fingerprint / runtime_version stored cut to this
+STORE_ERROR_RETRY_S = 60.0   # the sample store's disk failed: stations wait this long before sending again
 
 
 @dataclass
@@ -74,8 +76,9 @@ class HubStats:
     reloads: int = 0
     reload_errors: int = 0
     sample_chunks: int = 0     # sample_chunk messages answered with a sample_ack
-    samples_stored: int = 0
+    samples_done: int = 0      # acked done: stored now, or already stored (dedup)
     samples_refused: int = 0
+    sample_store_errors: int = 0   # the store's disk failed (answered retry_s; the station keeps the sample)
 
 
 class Hub:
@@ -385,23 +388,31 @@ class Hub:
 
     def _receive_sample(self, station_id: str, msg: Message, send) -> None:
         """One chunk of a captured part: store it (hub/samples.py) and answer with what the hub holds."""
-        if self._samples is None:
-            c = self.config
-            self._samples = SampleStore(c.samples_dir, SampleLimits(c.samples_max_sample_bytes,
-                                                                    c.samples_max_total_bytes,
-                                                                    c.samples_max_partial_per_station))
         data = msg.buffers["data"]
         if not isinstance(data, bytes):
             send(error_reply(msg, "bad_buffer", "sample_chunk buffer 'data' must be raw bytes (kind: bytes), "
                              "not an array"))
             return
-        ack = self._samples.receive(station_id, msg.body, data)
+        c = self.config
+        limits = SampleLimits(c.samples_max_sample_bytes, c.samples_max_total_bytes, c.samples_max_partial_per_station)
+        try:
+            if self._samples is None:
+                self._samples = SampleStore(c.samples_dir, limits)
+            self._samples.limits = limits     # hub.toml reloads apply; samples_dir needs a restart
+            ack = self._samples.receive(station_id, msg.body, data)
+        except (OSError, sqlite3.Error) as err:   # the hub's disk, not the sample: the station keeps it, retries later
+            self.stats.sample_store_errors += 1
+            log.error("hub: cannot store samples in %s (%s: %s); stations keep theirs and retry in %.0f s",
+                      c.samples_dir, type(err).__name__, err, STORE_ERROR_RETRY_S)
+            send(ok_reply(msg, {"sample_id": msg.body["sample_id"][:64], "offset": 0, "done": False,
+                                "retry_s": STORE_ERROR_RETRY_S}, msg_type="sample_ack"))
+            return
         self.stats.sample_chunks += 1
         if ack["done"]:
             if "refused" in ack:
                 self.stats.samples_refused += 1
             else:
-                self.stats.samples_stored += 1
+                self.stats.samples_done += 1
         send(ok_reply(msg, ack, msg_type="sample_ack"))
 
     def _unavailable(self, name: str, reason: str) -> None:

@@ -260,6 +260,20 @@ def test_full_hub_store_leaves_samples_at_the_station(fleet):
     assert daemon.uploader.paused_until > time.monotonic() + 60   # waits retry_s before trying again
 
 
+def test_hub_store_disk_failure_leaves_samples_at_the_station(fleet):
+    q = open_queue(fleet, 0)
+    sent = capture(q, range(4))
+    blocker = fleet.root / "not-a-folder"
+    blocker.write_text("a file where the samples folder should be")
+    fleet.hub_config.samples_dir = blocker
+    fleet.start_hub()
+    daemon = start_station(fleet, 0, q)
+    assert wait_until(lambda: daemon.uploader.stats.hub_full >= 1, WAIT)
+    assert fleet.hub.stats.sample_store_errors >= 1 and fleet.hub.stats.internal == 0
+    assert q.pending(10) == list(sent) and q.stats()["refused"] == 0
+    assert daemon.uploader.paused_until > time.monotonic() + 30
+
+
 def test_a_week_offline_then_everything_uploads(fleet):
     now = [1.7e9]
     q = open_queue(fleet, 0, clock=lambda: now[0])
