@@ -297,7 +297,7 @@ class CaptureQueue:
                 "reason": item.reason, "instruction": item.instruction, "image_format": kind,
                 "image_sha256": hashlib.sha256(data).hexdigest(), "image_bytes": len(data),
                 "label": item.label, "task_hint": item.task_hint, "result": result}
-        out = json.dumps(meta, allow_nan=False, ensure_ascii=False).encode()
+        out = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()   # as on the wire
         if len(out) > MAX_META_BYTES:
             raise ValueError(f"capture meta is {len(out)} bytes, over {MAX_META_BYTES} (instruction too long?)")
         return out
