@@ -229,6 +229,8 @@ class SampleStore:
             problem = f"image bytes are not {meta['image_format']}"
         if problem is not None and reassembled and self._reassembly_failures.get(sample_id, 0) < 1:
             # a torn append (hub crash) could cause this: start the upload over once before refusing
+            if len(self._reassembly_failures) >= 10000:   # bounded: abandoned uploads forget their one retry
+                self._reassembly_failures.clear()
             self._reassembly_failures[sample_id] = 1
             self._drop_partial(station_id, sample_id)
             return {"sample_id": sample_id, "offset": 0, "done": False}
