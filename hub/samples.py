@@ -40,7 +40,7 @@ SAMPLE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 REASONS = frozenset({"no_match", "low_confidence", "feedback"})
 FORMATS = {"png": ("png", b"\x89PNG\r\n\x1a\n"), "jpeg": ("jpg", b"\xff\xd8\xff")}
 MAX_META_BYTES = 16 * 1024
-MAX_INSTRUCTION_CHARS, MAX_LABEL_CHARS, MAX_NAME_CHARS = 4096, 1000, 200
+MAX_INSTRUCTION_CHARS, MAX_LABEL_CHARS, MAX_NAME_CHARS = 8192, 1000, 200   # meta <= 16 KiB bounds them too
 MAX_SCORES = 8
 FULL_RETRY_S = 300.0        # a full store asks the station to wait this long before sending again
 UNMATCHED = "unmatched"

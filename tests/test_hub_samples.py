@@ -259,3 +259,31 @@ def test_import_errors_name_file_record_and_field_and_change_nothing(filled, tmp
         assert store.get(good)["label"] is None and store.get(good)["task"] == "unmatched"   # all or nothing
     finally:
         store.close()
+
+
+def test_every_kind_of_capture_queue_record_is_accepted(tmp_path, store):
+    """What runtime/capture.py writes (PNG, JPEG, a raw array PNG-encoded by its writer thread,
+    feedback with a label and task hint, a station result with scores) passes the hub's checks."""
+    from kaizen.runtime.capture import CaptureQueue
+
+    q = CaptureQueue(tmp_path / "q", station_id=STATION)
+    try:
+        jpeg = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(jpeg, "JPEG")
+        result = {"outcome": "answered", "answer": "3", "task_id": "count", "pack_version": 2, "confidence": 0.31,
+                  "scores": {f"t{i}": 0.5 - i / 10 for i in range(10)}, "selected": ["count"], "timings_ms": {}}
+        q.offer(png(40), "How many holes?", result, "low_confidence")
+        q.offer(jpeg.getvalue(), "How many holes?", result, "low_confidence")
+        q.offer(np.zeros((12, 12, 3), np.uint8), "How many holes?", None, "no_match", identify=False)
+        q.offer(png(41), "How many holes?", result, "feedback", label="4", task_hint="count")
+        assert q.flush(10.0)
+        for sid in q.pending():
+            meta, image = q.load(sid)
+            ack = store.receive(STATION, {"sample_id": sid, "offset": 0, "total_size": len(image), "meta": meta}, image)
+            assert ack["done"] is True and "refused" not in ack, ack
+        rows = store.rows()
+        assert len(rows) == 4 and sorted(r["image_file"][-3:] for r in rows) == ["jpg", "png", "png", "png"]
+        assert {r["task"] for r in rows} == {"count", "unmatched"}
+        assert [r["label"] for r in rows if r["reason"] == "feedback"] == ["4"]
+    finally:
+        q.close()
