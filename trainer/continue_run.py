@@ -46,6 +46,7 @@ from kaizen.runtime.errors import ConfigError
 from . import checkpoint as ck
 from .data.llava_json import _load_list, _where, first_exchange
 from .data.types import DataError, Sample, Task, check_image_file, normalize_answer, unique_in_order
+from .methods.modalprompt import _unit, torch_scores, torch_split_keys, torch_top_k
 from .metrics import accuracy
 from .pack_meta import write_pack_meta
 
@@ -62,6 +63,7 @@ class ContinueConfig:
     out: str = ""
     holdout: float = 0.25
     epochs: int = 0  # 0 = the run's epochs
+    lr: float = 0.0  # 0 = the run's learning rate
     seed: int = 0
     train: str = "prompt,lora"  # which of T's parameters train (--task); a new task trains all three
 
@@ -75,6 +77,8 @@ class ContinueConfig:
             raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.new_task and self.holdout <= 0.0:
             raise ConfigError("--new-task needs --holdout > 0: the held-back samples are its test split")
+        if self.lr < 0:
+            raise ConfigError(f"--lr must be > 0 (or 0 = the run's), got {self.lr}")
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be >= 1 (or 0 = the run's), got {self.epochs}")
 
@@ -210,9 +214,32 @@ def reopen(method, t: int, parts: tuple[str, ...], lr: float) -> list[dict]:
     return groups
 
 
+def fused_prompts(method, batch, t: int) -> list[torch.Tensor]:
+    """[P_t] + the k-1 best OTHER tasks' prompts by score (detached): what the station fuses for a
+    part that selects t (first training only saw earlier tasks' prompts; the continue run knows
+    every task's key, so it trains in the fusion the stations actually run)."""
+    extra = min(method.cfg.top_k, len(method.keys)) - 1
+    if extra == 0:
+        return [method.prompts[t]] * len(batch)
+    keys = torch.stack(list(method.keys)).detach()
+    scores = torch_scores(batch.clip_img, batch.clip_txt, keys, method.cfg.alpha)
+    scores[:, t] = -float("inf")
+    best = torch_top_k(scores, extra).tolist()
+    return [torch.cat([method.prompts[t]] + [method.prompts[j].detach() for j in row]) for row in best]
+
+
+def continue_loss(method, batch, t: int) -> torch.Tensor:
+    """The method's training loss for task t (CE with t's LoRA + key terms), fused as at inference."""
+    adapters = [method.adapters[t]] if method.per_task_lora else None
+    ce = method.loss_with(batch, fused_prompts(method, batch, t), adapters)
+    k_img, k_txt = torch_split_keys(method.keys[t], batch.clip_img.shape[-1], batch.clip_txt.shape[-1])
+    return ce + (1 - batch.clip_img @ _unit(k_img)).mean() + (1 - batch.clip_txt @ _unit(k_txt)).mean()
+
+
 def fit(method, features, tasks: list[Task], t: int, groups: list[dict], epochs: int, batch_size: int,
-        seed: int) -> dict:
-    """Train task t's parameter groups on tasks[t].train for `epochs` (shuffled per epoch)."""
+        seed: int, loss_fn=None) -> dict:
+    """Train task t's parameter groups on tasks[t].train for `epochs` (shuffled per epoch) with
+    `loss_fn(method, batch, t)` (default: the method's own training step)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     order = torch.Generator().manual_seed(seed * 1_000_003 + t * 7919 + 17)
@@ -222,7 +249,8 @@ def fit(method, features, tasks: list[Task], t: int, groups: list[dict], epochs:
     for _ in range(epochs):
         perm = torch.randperm(n, generator=order).tolist()
         for s in range(0, n, batch_size):
-            loss = method(features.batch(tasks, [(t, i) for i in perm[s:s + batch_size]], "train"))
+            batch = features.batch(tasks, [(t, i) for i in perm[s:s + batch_size]], "train")
+            loss = method(batch) if loss_fn is None else loss_fn(method, batch, t)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -270,7 +298,10 @@ def continue_run(cc: ContinueConfig, shared=None) -> dict:
     session.tasks = tasks  # the Context of restore() shares this list
     method = session.restore(len(tasks) - 1)
     torch.set_num_threads(session.cfg.threads)
-    epochs, lr = cc.epochs or session.cfg.epochs, session.cfg.lr
+    if not getattr(method, "uses_selection", False):
+        raise ConfigError(f"{run} was trained with method {method.name!r}, which makes no task packs; "
+                          "continue a kaizen (or modalprompt) run")
+    epochs, lr = cc.epochs or session.cfg.epochs, cc.lr or session.cfg.lr
     if cc.task:
         t = ids.index(name)
         before = snapshot(method, session.features, tasks, t, probe)
@@ -283,7 +314,8 @@ def continue_run(cc: ContinueConfig, shared=None) -> dict:
         before = snapshot(method, session.features, tasks[:t], t, None)
         method.begin_task(t, tasks[t])
         groups = method.param_groups(t, lr)
-    trained = fit(method, session.features, tasks, t, groups, epochs, session.cfg.batch_size, cc.seed)
+    trained = fit(method, session.features, tasks, t, groups, epochs, session.cfg.batch_size, cc.seed,
+                  continue_loss if cc.task else None)
     after = snapshot(method, session.features, tasks, t, probe)
     session.run = out
     return write_out(cc, session, method, tasks, t, version, versions, before, after, trained,
@@ -339,7 +371,7 @@ def write_out(cc: ContinueConfig, session, method, tasks: list[Task], t: int, ve
     report = {"kind": "continue" if cc.task else "new_task", "task": name, "version": version,
               "parent_version": versions.get(name) if cc.task else None, "run": str(run.resolve()),
               "out": str(out.resolve()), "added": add_info,
-              "train": {**trained, "epochs": cc.epochs or session.cfg.epochs, "seed": cc.seed,
+              "train": {**trained, "epochs": cc.epochs or session.cfg.epochs, "lr": cc.lr or session.cfg.lr, "seed": cc.seed,
                         "trained": list(TRAINABLE if cc.new_task else cc.parts)},
               "before": b, "after": a, "others_changed_answers": changed,
               "others_unchanged": not any(changed.values())}
@@ -373,12 +405,13 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--out", default="", help="output run folder (default RUN/continue/TASK-vN)")
     ap.add_argument("--holdout", type=float, default=0.25, help="share of the added samples held back for evaluation")
     ap.add_argument("--epochs", type=int, default=0, help="epochs (default: the run's)")
+    ap.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the run's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", default=ContinueConfig.train, help="which of the task's parameters train: comma list "
                     "of prompt, lora, key (a trained key may change which packs other tasks' parts select)")
     a = ap.parse_args(argv)
     r = continue_run(ContinueConfig(run=a.run, add=a.add, task=a.task, new_task=a.new_task, out=a.out,
-                                    holdout=a.holdout, epochs=a.epochs, seed=a.seed, train=a.train))
+                                    holdout=a.holdout, epochs=a.epochs, lr=a.lr, seed=a.seed, train=a.train))
 
     def pct(x):
         return "-" if x is None else f"{x:.1f}"
