@@ -203,19 +203,18 @@ class SampleStore:
             return {"sample_id": sample_id, "offset": 0, "done": False, "retry_s": FULL_RETRY_S}
         if held == 0 and len(data) == total:
             return self._finalize(station_id, sample_id, meta, bytes(data), reassembled=False)
-        if not data:
-            return {"sample_id": sample_id, "offset": held, "done": False}
-        if held == 0:
-            self._make_room(station_id)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if held == 0:
-            fsync_dir(part.parent)
-        held += len(data)
-        if held < total:
+        if data:
+            if held == 0:
+                self._make_room(station_id)
+            part.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if held == 0:
+                fsync_dir(part.parent)
+            held += len(data)
+        if held < total:   # (a whole partial left by a failed finalize is finished by the next chunk)
             return {"sample_id": sample_id, "offset": held, "done": False}
         return self._finalize(station_id, sample_id, meta, part.read_bytes(), reassembled=True)
 

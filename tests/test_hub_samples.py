@@ -287,3 +287,23 @@ def test_every_kind_of_capture_queue_record_is_accepted(tmp_path, store):
         assert [r["label"] for r in rows if r["reason"] == "feedback"] == ["4"]
     finally:
         q.close()
+
+
+def test_a_failed_write_at_the_last_byte_is_finished_by_the_next_chunk(store, monkeypatch):
+    from kaizen.hub import samples as samples_mod
+
+    body, image = record(png(50, 32))
+    assert store.receive(STATION, body, image[:1000])["offset"] == 1000
+    real = samples_mod.atomic_write_bytes
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(samples_mod, "atomic_write_bytes", disk_full)
+    with pytest.raises(OSError):          # the hub answers retry_s (hub/server.py); the partial is whole
+        store.receive(STATION, {**body, "offset": 1000}, image[1000:])
+    assert store.get(body["sample_id"]) is None
+    monkeypatch.setattr(samples_mod, "atomic_write_bytes", real)
+    assert store.receive(STATION, body, image[:1000])["offset"] == len(image)   # where the station resumes
+    ack = store.receive(STATION, {**body, "offset": len(image)}, b"")
+    assert ack == {"sample_id": body["sample_id"], "offset": len(image), "done": True}
+    assert store.image_path(store.get(body["sample_id"])).read_bytes() == image
