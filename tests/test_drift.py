@@ -49,9 +49,9 @@ def test_drift_really_changes_the_look():
     mean = lambda samples: np.mean([s.image.reshape(-1, 3).mean(0) for s in samples], axis=0)  # noqa: E731
     assert mean(light).sum() < 0.6 * mean(orig).sum()  # dim
     assert mean(light)[0] > 1.8 * mean(light)[2]  # warm cast: red over blue
-    red_share = lambda samples: np.mean([(s.image[..., 0].astype(int) - s.image[..., 2] > 80).mean()  # noqa: E731
-                                         for s in samples])
-    assert red_share(supplier) > 0.05 > red_share(orig)  # orange silicone rings
+    blue_share = lambda samples: np.mean([(s.image[..., 2].astype(int) - s.image[..., 0] > 80).mean()  # noqa: E731
+                                          for s in samples])
+    assert blue_share(supplier) > 0.05 > blue_share(orig)  # blue silicone rings
 
 
 def test_unknown_drift_is_refused():

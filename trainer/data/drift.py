@@ -5,7 +5,7 @@ Two kinds of drift, both deterministic from a seed (same seed -> byte-identical 
     lighting   a new lighting regime: the scene rendered as before, then dimmed (gain 0.30-0.45)
                under a warm sodium-lamp colour cast (R x1.25, G x0.95, B x0.55) with the
                stronger sensor noise of a dim image. Any built-in task.
-    supplier   a new supplier's part colour: seal rings in orange silicone instead of dark
+    supplier   a new supplier's part colour: seal rings in blue silicone instead of dark
                rubber (seal_defect), plates powder-coated blue instead of bare metal
                (plate_defect, hole_count).
 
@@ -42,7 +42,7 @@ KINDS = ("lighting", "supplier")
 SUPPLIER_TASKS = ("seal_defect", "plate_defect", "hole_count")
 _SPLIT_CODE = {"train": 11, "test": 12}
 
-SILICONE = (214, 96, 38)  # orange silicone seal (the new supplier)
+SILICONE = (40, 75, 210)  # blue (food-grade) silicone seal, the new supplier's
 POWDER_BLUE = (56, 92, 168)  # blue powder-coated plate
 
 
@@ -56,7 +56,7 @@ def relight(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _silicone_ring(rng: np.random.Generator, defect: str | None) -> np.ndarray:
-    """render.render_ring with an orange silicone ring instead of dark rubber."""
+    """render.render_ring with a blue silicone ring instead of dark rubber."""
     obj, d = R.layer()
     r_out = R.u(rng, 15, 21)
     r_in = r_out * R.u(rng, 0.58, 0.7)
