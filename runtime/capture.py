@@ -13,7 +13,10 @@ and counted); one writer thread PNG-encodes raw images, hashes, and commits each
 `<seq:012d>-<sample_id>.img` then `.json` (the commit point; fsync'd, runtime/durable.py). At
 start an .img without its .json (a crash mid-write) is removed and a damaged pair is moved to
 damaged/. The disk queue is capped (max_items, max_bytes): the oldest samples go first, counted.
-Counters live in counters.json and survive restarts. sample_id is a content hash (sample_id_of).
+Counters live in counters.json and survive restarts (written at most once a second and at
+close: a crash can lose the last second's counts, never a committed sample). The writer waits
+while a part is being answered (`with q.inference():`, used by the Station) and idle_s after it,
+unless half its memory queue is full, so its disk work runs between parts. sample_id is a content hash (sample_id_of).
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,7 @@ MAX_META_BYTES = 16 << 10
 REASONS = frozenset({"no_match", "low_confidence", "feedback"})
 COUNTERS = ("captured", "persisted", "dropped_full", "dropped_queue", "duplicates", "uploaded", "refused",
             "write_errors", "damaged")
+COUNTERS_EVERY_S = 1.0   # counters.json is rewritten at most this often (and at close)
 _NAME_RE = re.compile(r"^(\d{12})-([0-9a-f]{64})\.(img|json)$")
 
 
@@ -67,13 +74,25 @@ def encoded_image(image) -> tuple[bytes, str]:
             return data, kind
         with Image.open(io.BytesIO(data)) as img:
             image = img.convert("RGB")
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.ascontiguousarray(image, np.uint8), "RGB")
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"a captured image must be bytes, a uint8 array or a PIL image, not {type(image).__name__}")
-    buf = io.BytesIO()
-    image.save(buf, "PNG", compress_level=1)
-    return buf.getvalue(), "png"
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise TypeError(f"a captured image must be bytes, a uint8 [H, W, 3] array or a PIL image, not {image!r:.80}")
+    return png_of(image), "png"
+
+
+def png_of(rgb: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 [H, W, 3] array: unfiltered rows, zlib level 1. zlib runs without the
+    GIL (PIL's PNG encoder holds it), so the writer thread does not stall inference threads."""
+    h, w, _ = rgb.shape
+    raw = np.zeros((h, w * 3 + 1), np.uint8)   # each row: filter type 0, then its pixels
+    raw[:, 1:] = rgb.reshape(h, w * 3)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
 @dataclass
@@ -99,7 +118,8 @@ class CaptureQueue:
     """A bounded, crash-safe on-disk queue of captured parts (see the module docstring)."""
 
     def __init__(self, folder, station_id: str = "", max_items: int = 10_000, max_bytes: int = 512 << 20, *,
-                 clock=time.time, memory_items: int = 256, memory_bytes: int = 64 << 20, max_refused: int = 1000):
+                 clock=time.time, memory_items: int = 256, memory_bytes: int = 64 << 20, max_refused: int = 1000,
+                 idle_s: float = 0.002):
         for name, value in (("max_items", max_items), ("max_bytes", max_bytes), ("memory_items", memory_items),
                             ("memory_bytes", memory_bytes), ("max_refused", max_refused)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -108,14 +128,20 @@ class CaptureQueue:
         self.station_id, self.clock = station_id, clock
         self.max_items, self.max_bytes, self.max_refused = max_items, max_bytes, max_refused
         self.memory_items, self.memory_bytes = memory_items, memory_bytes
+        self.idle_s = float(idle_s)   # the writer starts a sample only after this long without a part
         for sub in ("", "refused", "damaged"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         self._counters_file = self.folder / "counters.json"
+        self._save_lock = threading.Lock()
+        self._saved, self._saved_at = b"", 0.0   # counters.json as last written, and when (monotonic)
         self._cond = threading.Condition()   # guards everything below; never held during disk I/O
         self._mem: deque[_Item] = deque()
         self._mem_bytes = 0
         self._busy: _Item | None = None   # the item the writer is persisting
         self._closed = False
+        self._active = 0     # parts being answered now (see inference())
+        self._idle_since = 0.0   # when the last one ended (monotonic)
+        self._flushing = 0   # callers waiting in flush()
         self._index: OrderedDict[str, tuple[int, int]] = OrderedDict()   # sample_id -> (seq, bytes), oldest first
         self._pending_bytes = 0
         self._seq = 0
@@ -154,7 +180,8 @@ class CaptureQueue:
             else:
                 self._mem.append(item)
                 self._mem_bytes += item.nbytes
-                self._cond.notify_all()
+                if self._may_write(time.monotonic()):   # else the writer is woken when inference() ends
+                    self._cond.notify_all()
         return encoded[2] if encoded else None
 
     def has(self, sample_id: str) -> bool:
@@ -166,7 +193,54 @@ class CaptureQueue:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything offered so far is persisted (or dropped); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._mem and not self._busy, timeout)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._mem and not self._busy, timeout)
+            finally:
+                self._flushing -= 1
+
+    @contextmanager
+    def inference(self):
+        """Mark a part being answered: the writer waits for such moments to pass (unless half of
+        its memory queue is full, or on flush/close), so disk work does not run beside inference."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._idle_since = time.monotonic()
+                    if self._mem:
+                        self._cond.notify_all()
+
+    def _may_write(self, now: float) -> bool:
+        """The writer may take an item now: the station has been idle for idle_s, or a flush or
+        close waits, or half the memory queue is full (a long burst: then it writes anyway)."""
+        return bool(self._mem) and (self._closed or self._flushing > 0 or 2 * len(self._mem) >= self.memory_items
+                                    or 2 * self._mem_bytes >= self.memory_bytes
+                                    or (not self._active and now - self._idle_since >= self.idle_s))
+
+    def _next_item(self) -> _Item | None:
+        """The next item the writer may persist, waiting up to COUNTERS_EVERY_S; None if none."""
+        with self._cond:
+            deadline = time.monotonic() + COUNTERS_EVERY_S
+            while not (self._closed and not self._mem):
+                now = time.monotonic()
+                if self._may_write(now):
+                    item = self._mem.popleft()
+                    self._mem_bytes -= item.nbytes
+                    self._busy = item
+                    return item
+                if now >= deadline:
+                    return None
+                wait = deadline - now
+                if self._mem and not self._active:   # idle, but not for idle_s yet
+                    wait = min(wait, self._idle_since + self.idle_s - now)
+                self._cond.wait(max(wait, 1e-4))
+            return None
 
     # ------------------------------------------------------------------ uploader side
     def pending(self, limit: int = 64) -> list[str]:
@@ -195,8 +269,7 @@ class CaptureQueue:
         """The hub stored the sample: delete it here (a repeated call is ignored)."""
         entry = self._forget(sample_id, "uploaded")
         if entry is not None:
-            self._unlink(entry[0], sample_id)
-            self._save_counters()
+            self._unlink(entry[0], sample_id, sync=False)   # a file back after a crash is re-sent: the hub dedups
 
     def refused(self, sample_id: str, reason: str) -> None:
         """The hub refused the sample for good: move it to refused/ (the newest max_refused are kept)."""
@@ -216,7 +289,6 @@ class CaptureQueue:
         for old in kept[:max(0, len(kept) - self.max_refused)]:
             old.unlink(missing_ok=True)
             old.with_suffix(".img").unlink(missing_ok=True)
-        self._save_counters()
 
     def stats(self) -> dict:
         with self._cond:
@@ -235,27 +307,22 @@ class CaptureQueue:
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._mem or self._closed)
-                if not self._mem:
-                    return
-                item = self._mem.popleft()
-                self._mem_bytes -= item.nbytes
-                self._busy = item
-            try:
-                self._persist(item)
-            except Exception:   # the writer must outlive any one bad sample (disk full, odd image): logged
-                LOG.exception("capture: a %s sample could not be written", item.reason)
-                with self._cond:
-                    self.counters["write_errors"] += 1
-            finally:
-                with self._cond:
-                    idle = not self._mem
-                if idle:
-                    self._save_counters()
-                with self._cond:
-                    self._busy = None
-                    self._cond.notify_all()
+            item = self._next_item()
+            if item is None and self._closed:
+                return
+            if item is not None:
+                try:
+                    self._persist(item)
+                except Exception:   # the writer must outlive any one bad sample (disk full, odd image): logged
+                    LOG.exception("capture: a %s sample could not be written", item.reason)
+                    with self._cond:
+                        self.counters["write_errors"] += 1
+                finally:
+                    with self._cond:
+                        self._busy = None
+                        self._cond.notify_all()
+            if time.monotonic() - self._saved_at >= COUNTERS_EVERY_S:
+                self._save_counters()
 
     def _persist(self, item: _Item) -> None:
         data, kind, sid = item.encoded or (*encoded_image(item.image), None)
@@ -326,7 +393,6 @@ class CaptureQueue:
             name = f"{seq:012d}-{sample_id}{suffix}"
             if (self.folder / name).exists():
                 os.replace(self.folder / name, self.folder / "damaged" / name)
-        self._save_counters()
 
     def _read_counters(self) -> None:
         try:
@@ -342,12 +408,18 @@ class CaptureQueue:
             os.replace(self._counters_file, aside)
 
     def _save_counters(self) -> None:
-        with self._cond:
-            data = json.dumps(self.counters, sort_keys=True).encode()
-        try:
-            atomic_write_bytes(self._counters_file, data)
-        except OSError as err:
-            LOG.warning("capture: counters not saved (%s); kept in memory", err.strerror or err)
+        """Write counters.json if it changed (the writer thread does so at most once a second)."""
+        with self._save_lock:
+            self._saved_at = time.monotonic()
+            with self._cond:
+                data = json.dumps(self.counters, sort_keys=True).encode()
+            if data == self._saved:
+                return
+            try:
+                atomic_write_bytes(self._counters_file, data)
+                self._saved = data
+            except OSError as err:
+                LOG.warning("capture: counters not saved (%s); kept in memory", err.strerror or err)
 
     def _load(self) -> None:
         """Index the committed samples; remove crash leftovers; move damaged pairs to damaged/."""

@@ -77,6 +77,17 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
     return _Snapshot(packs, keys, known)
 
 
+def _kept(image, pil):
+    """What the station keeps of a part for capture/feedback: encoded bytes as sent, a raw array
+    (copied unless read-only, as arrays from the wire are: the caller may reuse its buffer), or
+    the decoded image for anything else (a path)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, np.ndarray):
+        return image.copy() if image.flags.writeable else image
+    return pil
+
+
 class Station:
     def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
                  top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
@@ -216,6 +227,12 @@ class Station:
 
     def infer_batch(self, images, instructions, tasks=None) -> list[dict]:
         """Answer several parts; parts that select the same packs are decoded as one batch."""
+        if self.capture is None:
+            return self._infer_batch(images, instructions, tasks)
+        with self.capture.inference():   # the capture queue's writer waits meanwhile
+            return self._infer_batch(images, instructions, tasks)
+
+    def _infer_batch(self, images, instructions, tasks) -> list[dict]:
         t0 = time.perf_counter()
         snap = self._snap
         n = len(images)
@@ -271,7 +288,7 @@ class Station:
         (the queue's writer thread encodes and writes them: nothing here waits for the disk)."""
         for image, pil, instruction, r in zip(images, rgb, instructions, results):
             r["part_id"] = uuid.uuid4().hex
-            kept = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else pil
+            kept = _kept(image, pil)
             self.recent.put(r["part_id"], kept, instruction, r)
             if self.capture is not None and (reason := self.capture_policy.reason(r)):
                 self.capture.offer(kept, instruction, r, reason, identify=False)
@@ -294,8 +311,7 @@ class Station:
         else:
             instruction, result = check_instruction(instruction), None
             check_instruction_tokens(self.engine.tok, instruction, self.engine.max_instruction_tokens)
-            pil = load_rgb(image, self.max_image_pixels)
-            image = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else pil
+            image = _kept(image, load_rgb(image, self.max_image_pixels))
         data, _ = encoded_image(image)
         sample_id = sample_id_of(data, instruction, answer)
         captured = self.capture is not None and not self.capture.has(sample_id)

@@ -229,3 +229,28 @@ def test_bad_arguments_are_refused(tmp_path):
         q.offer(png(1), "q?", None, "bored")
     q.close()
     assert q.offer(png(1), "q?", None, "no_match") is None   # closed: nothing taken
+
+
+def test_the_writer_waits_while_a_part_is_answered(tmp_path):
+    """Disk work stays off the inference path: nothing is written inside inference() until half
+    the memory queue is full; everything is written once the part is answered."""
+    q = CaptureQueue(tmp_path / "cap", memory_items=8)
+    with q.inference():
+        for i in range(3):
+            q.offer(png(i), "q?", None, "no_match", identify=False)
+        time.sleep(0.3)
+        assert q.stats()["persisted"] == 0 and q.stats()["queued"] == 3
+    deadline = time.monotonic() + 10
+    while q.stats()["persisted"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert q.stats()["persisted"] == 3
+    with q.inference():   # a long burst: from half full on, the writer goes ahead anyway
+        for i in range(3, 9):
+            q.offer(png(i), "q?", None, "no_match", identify=False)
+        deadline = time.monotonic() + 10
+        while q.stats()["persisted"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 6 <= q.stats()["persisted"]
+        assert q.flush()   # flush does not wait for the part to end
+    accounted(q.stats())
+    q.close()
