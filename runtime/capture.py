@@ -170,18 +170,18 @@ class CaptureQueue:
             if self._closed:
                 return None
             self.counters["captured"] += 1
+            if item.nbytes > self.memory_bytes:   # larger than the whole memory queue: not taken
+                self.counters["dropped_queue"] += 1
+                return None
             while self._mem and (len(self._mem) >= self.memory_items or self._mem_bytes + item.nbytes > self.memory_bytes):
                 victim = next((i for i in self._mem if i.reason != "feedback"), self._mem[0])
                 self._mem.remove(victim)
                 self._mem_bytes -= victim.nbytes
                 self.counters["dropped_queue"] += 1
-            if item.nbytes > self.memory_bytes:
-                self.counters["dropped_queue"] += 1
-            else:
-                self._mem.append(item)
-                self._mem_bytes += item.nbytes
-                if self._may_write(time.monotonic()):   # else the writer is woken when inference() ends
-                    self._cond.notify_all()
+            self._mem.append(item)
+            self._mem_bytes += item.nbytes
+            if not self._active or self._may_write(time.monotonic()):   # else woken when inference() ends
+                self._cond.notify_all()
         return encoded[2] if encoded else None
 
     def has(self, sample_id: str) -> bool:

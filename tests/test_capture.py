@@ -254,3 +254,13 @@ def test_the_writer_waits_while_a_part_is_answered(tmp_path):
         assert q.flush()   # flush does not wait for the part to end
     accounted(q.stats())
     q.close()
+
+
+def test_a_part_larger_than_the_memory_queue_is_dropped_and_counted(tmp_path):
+    q = CaptureQueue(tmp_path / "cap", memory_bytes=1000)
+    kept = q.offer(png(1), "q?", None, "no_match")
+    assert q.offer(png(2, side=64), "q?", None, "no_match") is None   # ~12 KB > 1000 bytes
+    assert q.flush() and q.pending() == [kept]
+    assert q.stats()["dropped_queue"] == 1
+    accounted(q.stats())
+    q.close()
