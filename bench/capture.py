@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     # what capture adds on the inference thread per part, alone (part_id + recent parts for
     # feedback + the policy + inference() + offer(), as Station._remember does), and then the
     # writer's time per sample when it drains them
-    from kaizen.runtime.capture_policy import CapturePolicy, RecentParts
-    from kaizen.runtime.station import _kept
+    from kaizen.runtime.capture_policy import CapturePolicy, RecentParts, kept_image
 
     result = {"outcome": "answered", "answer": "yes", "task_id": "seal", "pack_version": 1, "confidence": 0.5,
               "scores": {"seal": 0.9}}
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for image in samples:
             with alone.inference():
                 r = dict(result, part_id=uuid.uuid4().hex)
-                kept = _kept(image, None)
+                kept = kept_image(image, None)
                 recent.put(r["part_id"], kept, instr, r)
                 if reason := policy.reason(r):
                     alone.offer(kept, instr, r, reason, identify=False)

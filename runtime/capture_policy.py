@@ -4,6 +4,7 @@
     policy.reason(result)          # -> "no_match" | "low_confidence" | None (not captured)
     recent = RecentParts(256)      # the last parts answered: part_id -> (image, instruction, result)
     recent.put(part_id, image, instruction, result); recent.get(part_id)
+    kept_image(image, decoded)     # what is kept of a part: bytes as sent, an array (copy), or decoded
     check_feedback(answer, task)   # -> (answer, task) stripped, or InputError saying what to fix
 
 The queue itself (disk, writer thread) is runtime/capture.py; the wire side is runtime/endpoint.py.
@@ -57,6 +58,17 @@ def _image_bytes(image) -> int:
     if isinstance(image, Image.Image):
         return image.width * image.height * 4
     return int(image.nbytes) if isinstance(image, np.ndarray) else len(image)
+
+
+def kept_image(image, decoded):
+    """What the station keeps of a part for capture and feedback: encoded bytes as sent, a raw
+    array (copied unless read-only, as arrays from the wire are: a caller may reuse its buffer),
+    or the `decoded` image for anything else (a path, a PIL image)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, np.ndarray):
+        return image.copy() if image.flags.writeable else image
+    return decoded
 
 
 class RecentParts:

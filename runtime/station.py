@@ -30,7 +30,7 @@ import numpy as np
 from . import RUNTIME_VERSION
 from .bundle import Bundle
 from .capture import encoded_image, sample_id_of
-from .capture_policy import CapturePolicy, RecentParts, check_feedback
+from .capture_policy import CapturePolicy, RecentParts, check_feedback, kept_image
 from .durable import atomic_write_bytes
 from .engine import Engine
 from .errors import InputError, PackError
@@ -75,17 +75,6 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
         for instr, emb in zip(p.manifest.instructions, p.text_emb):
             known.setdefault(instr.strip(), np.asarray(emb, np.float32))
     return _Snapshot(packs, keys, known)
-
-
-def _kept(image, pil):
-    """What the station keeps of a part for capture/feedback: encoded bytes as sent, a raw array
-    (copied unless read-only, as arrays from the wire are: the caller may reuse its buffer), or
-    the decoded image for anything else (a path)."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, np.ndarray):
-        return image.copy() if image.flags.writeable else image
-    return pil
 
 
 class Station:
@@ -288,7 +277,7 @@ class Station:
         (the queue's writer thread encodes and writes them: nothing here waits for the disk)."""
         for image, pil, instruction, r in zip(images, rgb, instructions, results):
             r["part_id"] = uuid.uuid4().hex
-            kept = _kept(image, pil)
+            kept = kept_image(image, pil)
             self.recent.put(r["part_id"], kept, instruction, r)
             if self.capture is not None and (reason := self.capture_policy.reason(r)):
                 self.capture.offer(kept, instruction, r, reason, identify=False)
@@ -311,7 +300,7 @@ class Station:
         else:
             instruction, result = check_instruction(instruction), None
             check_instruction_tokens(self.engine.tok, instruction, self.engine.max_instruction_tokens)
-            image = _kept(image, load_rgb(image, self.max_image_pixels))
+            image = kept_image(image, load_rgb(image, self.max_image_pixels))
         data, _ = encoded_image(image)
         sample_id = sample_id_of(data, instruction, answer)
         captured = self.capture is not None and not self.capture.has(sample_id)
