@@ -37,6 +37,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("hub", "promote"): ("kaizen.hub.cli:cli_promote", "release a canary rollout to the rest of its target"),
     ("hub", "rollback"): ("kaizen.hub.cli:cli_rollback", "take a task back to a version on the fleet"),
     ("hub", "unpublish"): ("kaizen.hub.cli:cli_unpublish", "take a task (or one version) back from stations"),
+    ("hub", "samples"): ("kaizen.hub.cli:cli_samples", "captured parts at the hub: list / export for labelling / import labels"),
     ("fleet", "status"): ("kaizen.hub.cli:cli_status", "print per-station delivery state"),
     ("station", "serve"): ("kaizen.runtime.station_serve:cli_serve", "run a station (hub link + inference endpoint)"),
     ("station", "status"): ("kaizen.runtime.station_cli:cli_status", "print a station's packs and health"),
