@@ -213,15 +213,22 @@ class CaptureQueue:
                 self._active -= 1
                 if not self._active:
                     self._idle_since = time.monotonic()
-                    if self._mem:
-                        self._cond.notify_all()
+                    self._cond.notify_all()   # a paused writer goes on
+
+    def _pressed(self) -> bool:
+        """A flush or close waits, or half the memory queue is full (a long burst): write anyway."""
+        return (self._closed or self._flushing > 0 or 2 * len(self._mem) >= self.memory_items
+                or 2 * self._mem_bytes >= self.memory_bytes)
 
     def _may_write(self, now: float) -> bool:
-        """The writer may take an item now: the station has been idle for idle_s, or a flush or
-        close waits, or half the memory queue is full (a long burst: then it writes anyway)."""
-        return bool(self._mem) and (self._closed or self._flushing > 0 or 2 * len(self._mem) >= self.memory_items
-                                    or 2 * self._mem_bytes >= self.memory_bytes
-                                    or (not self._active and now - self._idle_since >= self.idle_s))
+        """The writer may take an item now: the station has been idle for idle_s, or it is pressed."""
+        return bool(self._mem) and (self._pressed() or (not self._active and now - self._idle_since >= self.idle_s))
+
+    def _pause(self) -> None:
+        """Between the writer's steps: wait while a part is being answered (unless pressed), so its
+        Python work (which needs the GIL) does not run beside inference; its fsyncs may."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._active or self._pressed())
 
     def _next_item(self) -> _Item | None:
         """The next item the writer may persist, waiting up to COUNTERS_EVERY_S; None if none."""
@@ -329,6 +336,7 @@ class CaptureQueue:
         sid = sid or sample_id_of(data, item.instruction, item.label)
         meta = self._meta(item, sid, data, kind)
         size = len(data) + len(meta)
+        self._pause()
         with self._cond:
             if sid in self._index:
                 self.counters["duplicates"] += 1
@@ -347,8 +355,10 @@ class CaptureQueue:
             self._unlink(seq, old, sync=False)
         self._seq += 1
         stem = self.folder / f"{self._seq:012d}-{sid}"
+        self._pause()
         write_synced(stem.with_suffix(".img"), data)
-        atomic_write_bytes(stem.with_suffix(".json"), meta)   # the commit point (fsyncs the folder too)
+        self._pause()
+        atomic_write_bytes(stem.with_suffix(".json"), meta, before_replace=self._pause)   # the commit point
         with self._cond:
             self._index[sid] = (self._seq, size)
             self._pending_bytes += size
