@@ -76,9 +76,11 @@ def test_continue_writes_version_n_plus_1_and_leaves_other_tasks_alone(run, v2):
     old = load_file(str(run / "tasks" / "0_seal_defect" / "pack.safetensors"))
     new = load_file(str(v2 / "tasks" / "0_seal_defect" / "pack.safetensors"))
     assert set(old) == set(new)
-    np.testing.assert_array_equal(old["key"], new["key"])  # the key stays frozen by default
-    assert not np.array_equal(old["prompt"], new["prompt"])
+    np.testing.assert_array_equal(old["key"], new["key"])  # only the LoRA trains by default
+    np.testing.assert_array_equal(old["prompt"], new["prompt"])
     assert any(not np.array_equal(old[k], new[k]) for k in old if k.startswith("lora."))
+    assert report["others_unchanged"] and report["train"]["trained"] == ["lora"]
+    assert report["before"]["others"] == report["after"]["others"]
     meta = json.loads((v2 / "tasks" / "0_seal_defect" / "pack_meta.json").read_text())
     assert meta["version"] == 2 and meta["metrics"]["accuracy_before"] == report["before"]["test"]
     assert meta["metrics"]["heldout_accuracy_after"] == report["after"]["heldout"]
@@ -98,13 +100,16 @@ def test_export_of_the_continue_run_is_version_n_plus_1_and_verifies(v2, tiny_ll
 
 def test_continue_of_a_continue_run_keeps_old_and_added_data(v2, data, shared, tmp_path):
     report = continue_run(ContinueConfig(run=str(v2), add=str(data), task=TASK, out=str(tmp_path / "v3"),
-                                         epochs=1, train="lora"), shared=shared)
+                                         epochs=1, train="prompt,lora"), shared=shared)
     assert report["version"] == 3 and report["parent_version"] == 2
     assert report["train"]["samples"] == 8 + 8 + 8  # stream + v2's added + this file's again
-    assert report["others_unchanged"]  # LoRA only: only parts that select seal_defect can change
     old = load_file(str(v2 / "tasks" / "0_seal_defect" / "pack.safetensors"))
     new = load_file(str(tmp_path / "v3" / "tasks" / "0_seal_defect" / "pack.safetensors"))
-    np.testing.assert_array_equal(old["prompt"], new["prompt"])
+    assert not np.array_equal(old["prompt"], new["prompt"])  # asked for: the prompt trains too
+    np.testing.assert_array_equal(old["key"], new["key"])
+    for d in ("1_hole_count", "2_cable_color"):
+        assert (tmp_path / "v3" / "tasks" / d / "pack.safetensors").read_bytes() == \
+            (v2 / "tasks" / d / "pack.safetensors").read_bytes()
 
 
 def test_new_task_from_labelled_samples(run, shared, tmp_path, tiny_llama, signing_key):
@@ -157,6 +162,8 @@ def test_bad_added_data_is_refused_with_the_file_and_record(run, data, shared, t
         go(data, task="", new_task="hole_count")
     with pytest.raises(ConfigError, match="--train"):
         go(data, train="prompt,everything")
+    with pytest.raises(ConfigError, match="a task id is lower-case"):
+        go(data, task="", new_task="Bad Name")
     with pytest.raises(ConfigError, match="exactly one of"):
         ContinueConfig(run=str(run), add=str(data))
 
