@@ -170,8 +170,8 @@ def test_bad_added_data_is_refused_with_the_file_and_record(run, data, shared, t
 
 def test_holdout_is_deterministic_and_independent_of_record_order():
     items = [(f"id{i}", i) for i in range(20)]
-    train_a, held_a = split_holdout(items, 0.25, seed=0)
-    train_b, held_b = split_holdout(list(reversed(items)), 0.25, seed=0)
+    _, held_a = split_holdout(items, 0.25, seed=0)
+    _, held_b = split_holdout(list(reversed(items)), 0.25, seed=0)
     assert len(held_a) == 5 and {i for i, _ in held_a} == {i for i, _ in held_b}
     assert {i for i, _ in split_holdout(items, 0.25, seed=1)[1]} != {i for i, _ in held_a}
     assert len(split_holdout(items[:2], 0.1, seed=0)[1]) == 1  # at least one held back, one trained

@@ -46,10 +46,10 @@ def test_drift_really_changes_the_look():
     orig = make_task("seal_defect", 0, 16, 1).train
     light = drifted_task("seal_defect", "lighting", 0, 16, 1).train
     supplier = drifted_task("seal_defect", "supplier", 0, 16, 1).train
-    mean = lambda samples: np.mean([s.image.reshape(-1, 3).mean(0) for s in samples], axis=0)  # noqa: E731
+    mean = lambda samples: np.mean([s.image.reshape(-1, 3).mean(0) for s in samples], axis=0)
     assert mean(light).sum() < 0.6 * mean(orig).sum()  # dim
     assert mean(light)[0] > 1.8 * mean(light)[2]  # warm cast: red over blue
-    blue_share = lambda samples: np.mean([(s.image[..., 2].astype(int) - s.image[..., 0] > 80).mean()  # noqa: E731
+    blue_share = lambda samples: np.mean([(s.image[..., 2].astype(int) - s.image[..., 0] > 80).mean()
                                           for s in samples])
     assert blue_share(supplier) > 0.05 > blue_share(orig)  # blue silicone rings
 

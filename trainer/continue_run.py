@@ -56,7 +56,6 @@ from .methods.modalprompt import _unit, torch_scores, torch_split_keys, torch_to
 from .metrics import accuracy
 from .pack_meta import write_pack_meta
 
-
 TRAINABLE = ("prompt", "lora", "key")
 
 
