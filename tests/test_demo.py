@@ -52,6 +52,12 @@ def test_demo_end_to_end_small(tmp_path):
     assert ops["canary"]["waiting_before_promote"] and ops["fleet_rollback"]["to_version"] == 1
     assert ops["offline_install"]["hub_shows_local_s"] >= 0 and ops["status_page"]["metrics_lines"] > 10
     assert "Operating the plant" in text and "hub_metrics.txt" in text
+    imp = data["improve"]   # drifted parts captured, uploaded, labelled, train --continue, v3 out (v2 was the ops')
+    assert imp["line"]["parts"] == 8 and imp["line"]["corrected"] == imp["line"]["wrong"]
+    if imp["line"]["wrong"]:
+        assert imp["version"] == 3 and imp["train"]["added"]["labelled"] >= imp["line"]["wrong"]
+        assert all(s["pending"] == 0 and s["uploaded"] == s["persisted"] for s in imp["captured"].values())
+        assert "Improvement loop" in text and imp["timeline_s"]["first_capture_to_v2_active"] > 0
     if Path("/usr/bin/chromium").exists():
         assert ops["status_page"]["screenshot"] == "status.png" and (report / "status.png").stat().st_size > 5000
     # no hub/station process outlives the demo (they run with their cwd in WORK/fleet)

@@ -139,7 +139,9 @@ def operations_lines(ops: dict | None) -> list[str]:
 
 
 def write_report(out: Path, kaizen: dict, baselines: dict, parts: dict, timeline: list[dict], bundle: Path,
-                 stages: dict, operations: dict | None = None) -> Path:
+                 stages: dict, operations: dict | None = None, improve: dict | None = None) -> Path:
+    from .improve import improve_lines
+
     out.mkdir(parents=True, exist_ok=True)
     base_bytes = sum(f.stat().st_size for f in Path(bundle).iterdir() if f.is_file())
     runs = {"kaizen": kaizen, **baselines}
@@ -177,11 +179,12 @@ def write_report(out: Path, kaizen: dict, baselines: dict, parts: dict, timeline
         "## Delivery and latency", "",
         "![delivery timeline](delivery.png)", "", "![latency](latency.png)", "", "![pack sizes](pack_sizes.png)", "",
         *operations_lines(operations),
+        *improve_lines(improve),
         "## Time", "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in stages.items()], "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(
         {"stages": stages, "parts": {k: v for k, v in parts.items() if k != "rows"}, "timeline": timeline,
          "base_bytes": base_bytes, "metrics": {n: r["metrics"] for n, r in runs.items()},
-         "operations": operations}, indent=2))
+         "operations": operations, "improve": improve}, indent=2))
     return out / "report.md"

@@ -9,7 +9,9 @@
    task export and sign its pack, publish it, and wait until every station has activated it;
 4. send every test part to the stations' inference endpoints and check their answers against
    the trainer's own evaluation; train the `lora_ft` and `individual` baselines for comparison;
-5. write reports/demo/report.md with its PNGs, and stop every process (also on Ctrl-C).
+5. plant operations (trainer/demo/operations.py) and the improvement loop (trainer/demo/improve.py:
+   drifted parts captured at the stations, labelled, `train --continue`, v2 out, before/after);
+6. write reports/demo/report.md with its PNGs, and stop every process (also on Ctrl-C).
 A second run reuses the base, bundle, keys, runs and packs in --work.
 """
 
@@ -29,6 +31,7 @@ from kaizen.runtime.errors import KaizenError
 from .. import checkpoint as ck
 from ..progress import progress
 from .fleet import DemoFleet
+from .improve import improvement_loop
 from .operations import plant_operations
 
 STAGES: dict[str, float] = {}
@@ -228,11 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         operations = plant_operations(fleet, delivery, run, results["stream"], Path(a.report), log)
         stage("plant operations (canary, fleet rollback, offline install, status page)", t0)
+        t0 = time.perf_counter()
+        improve = improvement_loop(fleet, delivery, run, tasks, shared, log, seed=a.seed, n_line=a.n_train,
+                                   n_test=a.n_test)
+        stage("improvement loop (drift, capture, upload, label, train --continue, v2 out)", t0)
     t0 = time.perf_counter()
     baselines = {m: run_method(m, base, work, a, shared) for m in filter(None, a.baselines.split(","))}
     stage("baselines", t0)
     STAGES["total"] = round(time.perf_counter() - start, 1)
-    out = write_report(Path(a.report), results, baselines, parts, delivery.timeline, bundle, STAGES, operations)
+    out = write_report(Path(a.report), results, baselines, parts, delivery.timeline, bundle, STAGES, operations,
+                       improve)
     log(f"report: {out}  (demo took {STAGES['total']:.0f} s)")
     if parts["agreement"] < 100.0:
         raise KaizenError(f"stations disagree with the trainer on {100 - parts['agreement']:.1f}% of parts; "
