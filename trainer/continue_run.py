@@ -1,13 +1,14 @@
 """`kaizen train --continue`: the next version of one task's pack from captured, labelled samples.
 
     kaizen train --continue RUN --task seal_defect --add samples/data.json [--out OUT]
-                 [--holdout 0.25] [--epochs N] [--seed S] [--train prompt,lora]
+                 [--holdout 0.25] [--epochs N] [--lr LR] [--seed S] [--train lora|prompt,lora|...]
     kaizen train --continue RUN --new-task gasket_defect --add unmatched/data.json [--out OUT]
 
 --task T: restore the method after RUN's last task, re-open T and train ONLY T's own parameters
-(--train, default its LoRA; prompt and key on request) on T's old train data (the stream's, plus what earlier
-continue runs added) + the added samples, except a deterministic share (--holdout, chosen by
-sha256 of seed and record id, so it does not depend on record order) held back for evaluation.
+(--train: by default its LoRA; its prompt and key on request) on T's old train data (the
+stream's, plus what earlier continue runs added) + the added samples, except a deterministic
+share (--holdout, chosen by sha256 of seed and record id, so it does not depend on record
+order) held back for evaluation.
 Other tasks' parameters never change, and their pack files are copied byte for byte.
 Why only the LoRA by default: selection (which packs a part picks, and the top-k prompts fused
 for it) depends on every key, so a moved key can change other tasks' answers; with the key
