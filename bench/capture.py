@@ -54,12 +54,16 @@ def parts_of(rng: np.random.Generator, n: int, side: int, kind: str) -> list:
     return out
 
 
-def run(station, parts: list, period_ms: float = 0.0) -> tuple[list[float], float]:
+def run(station, parts: list, period_ms: float = 0.0, every: int = 1) -> tuple[list[float], float]:
     """Per-part wall ms (a part starts every `period_ms`, or back to back with 0), and the
-    inference thread's own CPU ms per part."""
+    inference thread's own CPU ms per part. With a queue on the station, every `every`-th part is
+    captured (its policy's level 1.0) and the others not (level 0.0): the queue is there for all."""
+    from kaizen.runtime.capture_policy import CapturePolicy
+
     times = []
     c0, begin = time.thread_time(), time.perf_counter()
     for i, image in enumerate(parts):
+        station.capture_policy = CapturePolicy(1.0 if i % every == 0 else 0.0)
         time.sleep(max(0.0, begin + i * period_ms / 1e3 - time.perf_counter()))
         t0 = time.perf_counter()
         station.infer(image, TASKS[i % 3][1])
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pace", type=float, default=2.0,
                     help="paced regime: a part every pace x the median part time (2.0: the station is half busy)")
     ap.add_argument("--idle-ms", type=float, default=2.0, help="the queue's idle_s, in ms")
+    ap.add_argument("--every", type=int, default=1,
+                    help="capture every N-th part (1: all, the worst case; 10: a line where 1 part in 10 is unsure)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="a base bundle to run (default: the tiny-llama one, the shortest parts: the largest share)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from kaizen.runtime.keys import TrustedKeys, generate_signing_key
     from kaizen.runtime.station import Station
 
-    _, bundle = ensure_base("tiny-llama")
+    bundle = args.bundle or ensure_base("tiny-llama")[1]
     meta, shapes = bundle_lora_shapes(bundle)
     work = Path(tempfile.mkdtemp(prefix="kaizen-capture-cost-"))
     signer = generate_signing_key()
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             got = {}
             for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 station.capture = queue if mode == "on" else None
-                got[mode], thread_cpu = run(station, parts, period_ms if combo[0] == "paced" else 0.0)
+                got[mode], thread_cpu = run(station, parts, period_ms if combo[0] == "paced" else 0.0, args.every)
                 station.capture = None
                 backlog[combo] = max(backlog[combo], queue.stats()["queued"])
                 queue.flush(600)   # the next block starts with an idle writer
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     queue.close()
     station.close()
 
-    res = {"rounds": args.rounds, "parts_per_block": args.parts, "side": args.side, "period_ms": period_ms, "idle_ms": args.idle_ms,
+    res = {"bundle": str(bundle), "rounds": args.rounds, "parts_per_block": args.parts, "side": args.side, "period_ms": period_ms, "idle_ms": args.idle_ms, "every": args.every,
            "load": load(), "captured": stats, "flushed": flushed, "drain_after_runs_s": round(drain_s, 3),
            "hot_path_us": hot_us, "writer_ms_per_sample": writer_ms, "runs": []}
     print(f"{'regime':9} {'input':6} {'off p50':>8} {'on p50':>8} {'off mean':>9} {'on mean':>8} "

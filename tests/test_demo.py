@@ -30,7 +30,7 @@ def run_demo(work: Path, report: Path, baselines: str) -> subprocess.CompletedPr
     """`kaizen demo` in a fresh interpreter on a miniature setting (2 stations, 8 train / 3 test parts)."""
     cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
            "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3",
-           "--epochs", "1", "--baselines", baselines]
+           "--epochs", "1", "--line-parts", "8", "--baselines", baselines]
     env = dict(os.environ, KAIZEN_PROGRESS="0")
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
@@ -53,11 +53,11 @@ def test_demo_end_to_end_small(tmp_path):
     assert ops["offline_install"]["hub_shows_local_s"] >= 0 and ops["status_page"]["metrics_lines"] > 10
     assert "Operating the plant" in text and "hub_metrics.txt" in text
     imp = data["improve"]   # drifted parts captured, uploaded, labelled, train --continue, v3 out (v2 was the ops')
-    assert imp["line"]["parts"] == 8 and imp["line"]["corrected"] == imp["line"]["wrong"]
-    if imp["line"]["wrong"]:
-        assert imp["version"] == 3 and imp["train"]["added"]["labelled"] >= imp["line"]["wrong"]
-        assert all(s["pending"] == 0 and s["uploaded"] == s["persisted"] for s in imp["captured"].values())
-        assert "Improvement loop" in text and imp["timeline_s"]["first_capture_to_v2_active"] > 0
+    assert imp["line"]["parts"] == imp["line"]["labelled"] == 8 and imp["version"] == 3
+    assert imp["train"]["added"]["labelled"] == 8   # every label the operator gave reached the trainer
+    assert all(s["pending"] == 0 and s["uploaded"] == s["persisted"] for s in imp["captured"].values())
+    assert imp["others"]["answers_changed"] == 0    # other tasks' packs untouched: same answers
+    assert "Improvement loop" in text and imp["timeline_s"]["first_capture_to_v2_active"] > 0
     if Path("/usr/bin/chromium").exists():
         assert ops["status_page"]["screenshot"] == "status.png" and (report / "status.png").stat().st_size > 5000
     # no hub/station process outlives the demo (they run with their cwd in WORK/fleet)
