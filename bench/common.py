@@ -72,7 +72,8 @@ def pack_arrays(meta: dict, shapes: dict, rng: np.random.Generator, *, prompt_to
                 n_instructions: int = 1, key: np.ndarray | None = None) -> dict:
     """prompt [P, d_model], key [d_clip] (unit), text_emb [n, d_clip], rank-`rank` LoRA on every
     LoRA input of the bundle (A [r, in], B [out, r])."""
-    d_model, d_clip = meta["text"]["hidden_size"], meta["clip"]["dim"]
+    d_model = meta["text"]["hidden_size"]
+    d_clip = meta["clip"]["dim"] if "clip" in meta else meta["query"]["text_dim"]   # CLIP, or unaligned encoders
     if key is None:
         key = rng.standard_normal(d_clip).astype(np.float32)
     key = (key / np.linalg.norm(key)).astype(np.float32)
@@ -98,10 +99,17 @@ def build_bundle_pack(path: Path, meta: dict, shapes: dict, signer, task_id: str
     rng = np.random.default_rng(seed)
     key = None
     text_emb = None
+    dims = {}
     if engine is not None and image is not None:
-        key = engine.clip_image([image])[0] + engine.clip_text([instruction])[0]
-        text_emb = engine.clip_text([instruction])
+        text_emb = engine.text_query([instruction])
+        if engine.aligned:   # one shared key in the CLIP space
+            key = engine.clip_image([image])[0] + text_emb[0]
+        else:                # schema 2: [image key ; text key], each a unit vector
+            key = np.concatenate([engine.image_queries([image])[0][0], text_emb[0]])
+            dims = {"query_dims": list(engine.query_dims)}
     arrays = pack_arrays(meta, shapes, rng, prompt_tokens=prompt_tokens, rank=rank, key=key)
+    if dims:
+        arrays["key"] = key.astype(np.float32)   # halves already unit
     if text_emb is not None:
         arrays["text_emb"] = text_emb.astype(np.float32)
     samples = []
@@ -112,7 +120,7 @@ def build_bundle_pack(path: Path, meta: dict, shapes: dict, signer, task_id: str
     return build_pack(path, task_id=task_id, version=version, method="kaizen",
                       base_fingerprint=meta["fingerprint"], instructions=[instruction], answers=ANSWERS,
                       golden=samples, metrics={"accuracy": 100.0}, signing_key=signer, lora_rank=rank,
-                      **arrays)
+                      **dims, **arrays)
 
 
 def log(*args) -> None:
