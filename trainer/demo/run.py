@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-test", type=int, default=40)
+    ap.add_argument("--line-parts", type=int, default=240,
+                    help="drifted parts on the line in the improvement loop (what the stations may capture)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: 30 on real-fast, 10 on tiny-llama)")
     a = ap.parse_args(argv)
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         operations = plant_operations(fleet, delivery, run, results["stream"], Path(a.report), log)
         stage("plant operations (canary, fleet rollback, offline install, status page)", t0)
         t0 = time.perf_counter()
-        improve = improvement_loop(fleet, delivery, run, tasks, shared, log, seed=a.seed, n_line=a.n_train,
+        improve = improvement_loop(fleet, delivery, run, tasks, shared, log, seed=a.seed, n_line=a.line_parts,
                                    n_test=a.n_test)
         stage("improvement loop (drift, capture, upload, label, train --continue, v2 out)", t0)
     t0 = time.perf_counter()
