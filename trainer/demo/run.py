@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-test", type=int, default=40)
-    ap.add_argument("--line-parts", type=int, default=240,
+    ap.add_argument("--line-parts", type=int, default=400,
                     help="drifted parts on the line in the improvement loop (what the stations may capture)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: 30 on real-fast, 10 on tiny-llama)")
