@@ -120,6 +120,10 @@ class Hub:
         self._allowed, self._trusted = allowed, trusted
         self._groups = {s.id: list(s.groups) for s in config.stations}
         self.config = config
+        self._sample_limits = SampleLimits(config.samples_max_sample_bytes, config.samples_max_total_bytes,
+                                           config.samples_max_partial_per_station)
+        if self._samples is not None:
+            self._samples.limits = self._sample_limits   # hub.toml reloads apply; samples_dir needs a restart
 
     def request_reload(self) -> None:
         """Re-read hub.toml (allow-list, groups, trusted keys) at the loop's next turn (SIGHUP)."""
@@ -394,11 +398,9 @@ class Hub:
                              "not an array"))
             return
         c = self.config
-        limits = SampleLimits(c.samples_max_sample_bytes, c.samples_max_total_bytes, c.samples_max_partial_per_station)
         try:
             if self._samples is None:
-                self._samples = SampleStore(c.samples_dir, limits)
-            self._samples.limits = limits     # hub.toml reloads apply; samples_dir needs a restart
+                self._samples = SampleStore(c.samples_dir, self._sample_limits)
             ack = self._samples.receive(station_id, msg.body, data)
         except (OSError, sqlite3.Error) as err:   # the hub's disk, not the sample: the station keeps it, retries later
             self.stats.sample_store_errors += 1
