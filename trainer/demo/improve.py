@@ -63,11 +63,13 @@ def line_with_operator(fleet, samples) -> dict:
     confirmation where it was right. (Corrections alone would teach only the answers v1 gets
     wrong: measured, all 106 corrections of the first demo run were "yes", and v2 got worse.)"""
     clients = [fleet.client(i) for i in range(fleet.n)]
-    out = {"parts": len(samples), "wrong": 0, "labelled": 0, "first_capture_at": None}
+    out = {"parts": len(samples), "wrong": 0, "labelled": 0, "first_capture_at": None, "truth": {}}
     try:
         for k, s in enumerate(progress(samples, desc="drifted parts on the line")):
             c = clients[k % fleet.n]
-            r = c.infer(_png(s), s.instruction)
+            png = _png(s)
+            out["truth"][hashlib.sha256(png).hexdigest()] = s.answer   # what a labelling team would know
+            r = c.infer(png, s.instruction)
             out["wrong"] += normalize_answer(r["answer"] or "") != normalize_answer(s.answer)
             fb = c.feedback(s.answer, part_id=r["part_id"], task=TASK)   # the operator knows the station's task
             out["labelled"] += int(fb["captured"])
@@ -155,8 +157,7 @@ def improvement_loop(fleet, delivery, run: Path, tasks, shared, log, *, seed: in
         return {"task": TASK, "drift": DRIFT, "line": line, "skipped": "no part was captured at the stations"}
     work = delivery.work / "improve"
     assert cli_samples(["export", "--task", TASK, "--out", str(work / "export"), "--config", conf]) == 0
-    truth = {hashlib.sha256(_png(s)).hexdigest(): s.answer for s in drift.train}
-    labelled_by_team = label_from_truth(work / "export", truth)
+    labelled_by_team = label_from_truth(work / "export", line.pop("truth"))
     assert cli_samples(["import", str(work / "export" / "data.json"), "--config", conf]) == 0
     assert cli_samples(["export", "--task", TASK, "--labelled-only", "--out", str(work / "labelled"),
                         "--config", conf]) == 0
