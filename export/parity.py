@@ -1,7 +1,8 @@
 """Parity check of an exported bundle against torch on fixed inputs; fails loudly.
 
 Checks, with and without a soft prompt + LoRA: max |diff| of prefill logits (ORT engine vs
-transformers) within the precision's tolerance, and greedy tokens equal to transformers `generate`.
+transformers) within the precision's tolerance, the share of positions whose argmax agrees (int4:
+a floor), and greedy tokens equal to transformers `generate` (fp32/fp16; int8/int4: reported).
 Runs automatically at the end of every `kaizen base export`.
 """
 
@@ -20,8 +21,13 @@ from kaizen.runtime.preprocess import preprocess_batch
 from .loading import Base, Clip
 from .reference import apply_peft_lora, embed_prompt, positions, random_lora, torch_generate
 
-TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.5}  # max |diff| of logits
-TOKENS_MUST_MATCH = {"fp32": True, "fp16": True, "int8": False}  # int8: agreement is measured, reported
+# max |diff| of logits. int4 (block 32, asymmetric) measured vs fp32 torch: 0.10 on random-init
+# tiny-llama, 0.45 on real-fast (prefill logits, with and without prompt + LoRA).
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.5, "int4": 1.0}
+TOKENS_MUST_MATCH = {"fp32": True, "fp16": True, "int8": False, "int4": False}  # else measured, reported
+# Share of prefill positions whose argmax equals torch's. int4 measured: 0.78..0.80 on random-init
+# tiny-llama (near-flat logits), 0.945..0.983 on real-fast.
+ARGMAX_MIN = {"int4": 0.7}
 INSTRUCTIONS = ["Is the part damaged?", "How many holes does the plate have?"]
 NEW_TOKENS = 8
 
@@ -45,10 +51,12 @@ def compare(base: Base, engine: Engine, images, prompt=None, lora=None) -> dict:
     ort_logits, _ = engine._run(e_emb, e_mask, e_pos, engine._empty_past(len(images)), engine.lora_feeds(lora))
     valid = mask.bool().numpy()
     diff = float(np.abs(ort_logits[valid] - ref_logits.numpy()[valid]).max())
+    argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref_logits.numpy()[valid].argmax(-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
-    return {"max_abs_diff_logits": diff, "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
+    return {"max_abs_diff_logits": diff, "argmax_agreement": argmax,
+            "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 
 
@@ -65,11 +73,15 @@ def check_parity(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") ->
     report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff,
               "max_abs_diff_logits": max(plain["max_abs_diff_logits"], adapted["max_abs_diff_logits"]),
               "tokens_equal": plain["tokens_equal"] and adapted["tokens_equal"],
-              "token_agreement": min(plain["token_agreement"], adapted["token_agreement"])}
+              "token_agreement": min(plain["token_agreement"], adapted["token_agreement"]),
+              "argmax_agreement": min(plain["argmax_agreement"], adapted["argmax_agreement"])}
     tol = TOLERANCE[precision]
     if report["max_abs_diff_logits"] > tol:
         raise BundleError(f"parity check failed for {bundle_dir}: max |diff| of logits "
                           f"{report['max_abs_diff_logits']:.3g} > {tol} ({precision})")
+    if report["argmax_agreement"] < ARGMAX_MIN.get(precision, 0.0):
+        raise BundleError(f"parity check failed for {bundle_dir}: argmax of the logits agrees with torch on "
+                          f"{report['argmax_agreement']:.1%} of positions < {ARGMAX_MIN[precision]:.0%} ({precision})")
     if TOKENS_MUST_MATCH[precision] and not report["tokens_equal"]:
         raise BundleError(f"parity check failed for {bundle_dir}: greedy tokens differ from transformers "
                           f"(plain {plain['ref_tokens']} vs {plain['ort_tokens']})")

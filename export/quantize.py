@@ -3,12 +3,17 @@
 - int8: weight-only int8 for decoder.onnx (per-output-channel symmetric scales). Every MatMul
   whose weight is a 2-D float initializer gets `DequantizeLinear(int8, scale) -> MatMul`:
   weights are stored in int8 (about 4x smaller), compute stays fp32. Tolerance in parity.py.
+- int4: weight-only 4-bit for decoder.onnx with ONNX Runtime's own tool (MatMulNBitsQuantizer):
+  every MatMul whose weight is a 2-D float initializer (not a graph input, not shared by another
+  node) becomes com.microsoft MatMulNBits (blockwise scales along K, block INT4_BLOCK). LoRA
+  MatMuls take their A/B from graph inputs (through a Transpose) and stay fp32; so do activations.
 - fp16 (for GPUs) is not a rewrite: export/base_export.py exports the graphs from a float16 copy
   of the models, and the parity check compares them with the fp32 torch model.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kaizen.runtime.errors import BundleError
+
+from .onnx_io import save_onnx  # external data past the protobuf limit, like the exported graphs
 
 
 def quantize_weights_int8(path: Path, min_elements: int = 1024) -> dict:
@@ -47,12 +54,82 @@ def quantize_weights_int8(path: Path, min_elements: int = 1024) -> dict:
         raise BundleError(f"{path}: no MatMul weight found to quantize")
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
-    onnx.save(model, str(path))
+    save_onnx(model, path)
     return {"matmuls_quantized": replaced, "bytes_saved": int(saved)}
+
+
+# Chosen by measurement on the tiny and real-fast bases (see export/parity.py and
+# reports/bench/precision_int4.md): block 32, asymmetric (uint4 + zero point), fp32 compute.
+INT4_BLOCK = 32
+INT4_SYMMETRIC = False
+
+
+def int4_candidates(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[str], list[str]]:
+    """(names of MatMul nodes to quantize, names to keep fp32). Quantized: a 2-D float initializer
+    weight with >= min_elements that is not also a graph input (an optional input such as a LoRA
+    array with a zero default must stay feedable) and is read by no other node."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    take, keep = [], []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        w = inits.get(node.input[1]) if len(node.input) == 2 else None
+        ok = (w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT
+              and w.name not in inputs and readers[w.name] == 1 and int(np.prod(w.dims)) >= min_elements)
+        (take if ok else keep).append(node.name)
+    return take, keep
+
+
+def _nbits_quantizer():
+    """ORT's MatMulNBitsQuantizer class. Its module calls logging.basicConfig(level=INFO) on import
+    and logs every node: undo the root logger change, keep its own logger to warnings."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+    root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
+def quantize_weights_int4(path: Path, block_size: int = INT4_BLOCK, symmetric: bool = INT4_SYMMETRIC,
+                          accuracy_level: int | None = None) -> dict:
+    """Rewrite `path`'s MatMul weights to MatMulNBits (4 bits) in place; return counts and bytes."""
+    MatMulNBitsQuantizer = _nbits_quantizer()
+    model = onnx.load(str(path))
+    for i, node in enumerate(model.graph.node):  # exclusion works by node name
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    take, keep = int4_candidates(model)
+    if not take:
+        raise BundleError(f"{path}: no MatMul with a 2-D float initializer weight to quantize to int4")
+    before = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=keep)
+    quant.process()
+    model = quant.model.model
+    done = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    if done != len(take):
+        raise BundleError(f"{path}: MatMulNBitsQuantizer rewrote {done} MatMuls, expected {len(take)}; "
+                          "check the onnxruntime version (1.32 tested)")
+    save_onnx(model, path)
+    after = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    return {"matmuls_quantized": done, "matmuls_kept_fp32": len(keep), "block_size": block_size,
+            "symmetric": symmetric, "fp32_weight_bytes_removed": int(before - after)}
 
 
 def convert_precision(bundle_dir: Path, precision: str) -> dict:
     bundle_dir = Path(bundle_dir)
     if precision == "int8":
         return quantize_weights_int8(bundle_dir / "decoder.onnx")
+    if precision == "int4":
+        return quantize_weights_int4(bundle_dir / "decoder.onnx")
     raise BundleError(f"precision {precision!r} is applied at export time, not as a graph rewrite")
