@@ -1,16 +1,22 @@
 """Export a frozen base (LLaVA + CLIP query encoder) to an ONNX base bundle, once per base.
 
-    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8]
+    kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8|int4]
 
 Writes vision.onnx, embed.npy, decoder.onnx (KV cache + every LoRA A/B as an optional input with
 a zero default), clip_image.onnx, clip_text.onnx, tokenizers, preprocess.json and base.json (sha256
 of every file + the base fingerprint), then runs the parity check against torch and fails loudly.
+A graph whose weights pass the protobuf limit (2 GiB) is written with its weights in
+`<graph>.onnx.data` next to it; base.json lists and hashes that file too (export/onnx_io.py).
+Peak memory: the fp32 decoder is exported from the loaded model itself (LoRA slots added, then
+removed), so the weights are held once; `bench/export_memory.py` measures it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import shutil
 import time
@@ -23,8 +29,9 @@ from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, bundle_files
 from kaizen.runtime.durable import sha256_file
 
 from .loading import Base, Clip, TextQuery, base_fingerprint, load_base, load_query
-from .onnx_io import add_zero_defaults, export_graph
+from .onnx_io import export_graph, external_data_files
 from .wrappers import (
+    ATTN_TARGETS,
     DEFAULT_TARGETS,
     ClipImageWrapper,
     ClipTextWrapper,
@@ -33,7 +40,7 @@ from .wrappers import (
     add_lora_slots,
 )
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 def _dims():
@@ -46,20 +53,44 @@ def _as(model, dtype):
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
-def export_vision(base: Base, out: Path, dtype=torch.float32, with_query: bool = False) -> None:
+def export_vision(base: Base, out: Path, dtype=torch.float32, with_query: bool = False,
+                  threshold: int | None = None) -> None:
     """vision.onnx; `with_query` adds the pooled output `image_query` (unaligned query encoders)."""
     batch, _, _ = _dims()
     size = base.preprocess.size
     names = ["image_features", "image_query"] if with_query else ["image_features"]
     export_graph(VisionWrapper(_as(base.model, dtype), with_query), (torch.randn(2, 3, size, size, dtype=dtype),),
-                 out / "vision.onnx", ["pixel_values"], names, {"pixel_values": {0: batch}})
+                 out / "vision.onnx", ["pixel_values"], names, {"pixel_values": {0: batch}}, threshold=threshold)
 
 
-def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float32) -> dict:
+@contextlib.contextmanager
+def _with_lora_slots(base: Base, rank: int, targets, dtype):
+    """The model to export the decoder from, with LoRA slots: fp32 is the loaded model itself (the
+    slots wrap its Linears and are removed afterwards, so the weights are never copied); another
+    dtype is a converted copy."""
+    model = _as(base.model, dtype)
+    lm = model.model.language_model
+    shapes = add_lora_slots(lm, targets, rank)
+    try:
+        yield model, shapes
+    finally:
+        if model is base.model:
+            for layer in lm.layers:
+                for t in targets:
+                    parent = layer.self_attn if t in ATTN_TARGETS else layer.mlp
+                    setattr(parent, t, getattr(parent, t).base)
+
+
+def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float32,
+                   threshold: int | None = None) -> dict:
     """Export the language model + head with KV cache and LoRA inputs; return the LoRA shapes."""
-    model = copy.deepcopy(base.model).to(dtype)
+    with _with_lora_slots(base, rank, targets, dtype) as (model, shapes):
+        _export_decoder(model, shapes, out, targets, dtype, threshold)
+    return {k: list(v) for k, v in shapes.items()}
+
+
+def _export_decoder(model, shapes: dict, out: Path, targets, dtype, threshold: int | None) -> None:
     text = model.config.text_config
-    shapes = add_lora_slots(model.model.language_model, targets, rank)
     dec = DecoderWrapper(model, targets).eval()
     n_layers, kv = text.num_hidden_layers, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -75,22 +106,21 @@ def export_decoder(base: Base, out: Path, rank: int, targets, dtype=torch.float3
     dyn = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
            "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past}] * (2 * n_layers),
            "lora": [None] * len(shapes)}
-    export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn)
-    add_zero_defaults(out / "decoder.onnx", shapes, np.float16 if dtype == torch.float16 else np.float32)
-    return {k: list(v) for k, v in shapes.items()}
+    export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn, zero_defaults=shapes,
+                 zero_dtype=np.float16 if dtype == torch.float16 else np.float32, threshold=threshold)
 
 
-def export_clip(clip: Clip, out: Path) -> None:
+def export_clip(clip: Clip, out: Path, threshold: int | None = None) -> None:
     """The CLIP towers, always fp32 (small next to the VLM; fp16 open_clip graphs crash ORT 1.32's optimizer)."""
     batch, _, _ = _dims()
     size = clip.preprocess.size
     model = clip.model
     export_graph(ClipImageWrapper(model), (torch.randn(2, 3, size, size),), out / "clip_image.onnx",
-                 ["pixel_values"], ["image_embeds"], {"pixel_values": {0: batch}})
+                 ["pixel_values"], ["image_embeds"], {"pixel_values": {0: batch}}, threshold=threshold)
     ids = torch.ones(2, clip.max_len, dtype=torch.long)
     export_graph(ClipTextWrapper(model), (ids, torch.ones_like(ids)), out / "clip_text.onnx",
                  ["input_ids", "attention_mask"], ["text_embeds"],
-                 {"input_ids": {0: batch}, "attention_mask": {0: batch}})
+                 {"input_ids": {0: batch}, "attention_mask": {0: batch}}, threshold=threshold)
 
 
 def export_text_query(query: TextQuery, out: Path) -> None:
@@ -134,14 +164,22 @@ def write_meta(base: Base, clip, out: Path, rank: int, targets, shapes: dict, pr
         "lora": {"rank": rank, "targets": list(targets), "shapes": shapes},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    meta["files"] = {name: sha256_file(out / name) for name in bundle_files(meta["query"]["kind"])}
+    names = list(bundle_files(meta["query"]["kind"]))
+    external = {g: external_data_files(out / g) for g in names if g.endswith(".onnx")}
+    meta["external_data"] = {g: files for g, files in external.items() if files}
+    names += [f for files in meta["external_data"].values() for f in files]
+    meta["files"] = {name: sha256_file(out / name) for name in names}
     (out / "base.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
 def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: int = 8,
-                  targets=DEFAULT_TARGETS, check: bool = True, log=print) -> dict:
-    """Export `base_dir` (+ CLIP at `clip_dir`, default base_dir/clip) to bundle folder `out`."""
+                  targets=DEFAULT_TARGETS, check: bool = True, log=print,
+                  external_data_threshold: int | None = None) -> dict:
+    """Export `base_dir` (+ CLIP at `clip_dir`, default base_dir/clip) to bundle folder `out`.
+
+    `external_data_threshold`: initializer bytes above which a graph's weights go to
+    `<graph>.onnx.data` (default: just under the 2 GiB protobuf limit; 0 forces it, for tests)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -151,18 +189,20 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dtype = torch.float16 if precision == "fp16" else torch.float32  # fp16: weights and activations
-    export_vision(base, out, dtype, with_query=not clip.aligned)
-    shapes = export_decoder(base, out, rank, targets, dtype)
+    thr = external_data_threshold
+    export_vision(base, out, dtype, with_query=not clip.aligned, threshold=thr)
+    shapes = export_decoder(base, out, rank, targets, dtype, threshold=thr)
     if clip.aligned:
-        export_clip(clip, out)
+        export_clip(clip, out, threshold=thr)
     else:
         export_text_query(clip, out)
-    if precision == "int8":
+    if precision in ("int8", "int4"):  # weight-only rewrites of decoder.onnx (export/quantize.py)
         from .quantize import convert_precision
 
         convert_precision(out, precision)
     meta = write_meta(base, clip, out, rank, targets, shapes, precision)
     log(f"exported {base_dir} -> {out} ({precision}) in {time.perf_counter() - t0:.1f}s")
+    gc.collect()  # the exporter's traced programs, before the parity check loads ORT sessions
     if check:
         from .parity import check_parity
 
