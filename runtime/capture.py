@@ -16,29 +16,24 @@ damaged/. The disk queue is capped (max_items, max_bytes): the oldest samples go
 Counters live in counters.json and survive restarts (written at most once a second and at
 close: a crash can lose the last second's counts, never a committed sample). The writer waits
 while a part is being answered (`with q.inference():`, used by the Station) and idle_s after it,
-unless half its memory queue is full, so its disk work runs between parts. sample_id is a content hash (sample_id_of).
+unless half its memory queue is full, so its disk work runs between parts. sample_id is a content hash (runtime/capture_image.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from .capture_image import _size_of, encoded_image, sample_id_of
 from .durable import atomic_write_bytes, fsync_dir, write_synced
 
 LOG = logging.getLogger("kaizen.capture")
@@ -49,50 +44,6 @@ COUNTERS = ("captured", "persisted", "dropped_full", "dropped_queue", "duplicate
             "write_errors", "damaged")
 COUNTERS_EVERY_S = 1.0   # counters.json is rewritten at most this often (and at close)
 _NAME_RE = re.compile(r"^(\d{12})-([0-9a-f]{64})\.(img|json)$")
-
-
-def sample_id_of(image_bytes: bytes, instruction: str, label: str | None) -> str:
-    """The content hash naming a sample (the same part + question + label is one sample)."""
-    return hashlib.sha256(b"kaizen-sample-1\0" + image_bytes + b"\0" + instruction.encode() + b"\0"
-                          + (label or "").encode()).hexdigest()
-
-
-def image_kind(data: bytes) -> str | None:
-    """"png" / "jpeg" from the magic bytes; None for anything else (it is re-encoded as PNG)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    return "jpeg" if data[:3] == b"\xff\xd8\xff" else None
-
-
-def encoded_image(image) -> tuple[bytes, str]:
-    """(bytes, "png"|"jpeg"): PNG/JPEG bytes as given; a uint8 [H, W, 3] array, a PIL image or
-    bytes of another format are encoded as PNG (deterministic: same pixels, same bytes)."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        kind = image_kind(data)
-        if kind:
-            return data, kind
-        with Image.open(io.BytesIO(data)) as img:
-            image = img.convert("RGB")
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise TypeError(f"a captured image must be bytes, a uint8 [H, W, 3] array or a PIL image, not {image!r:.80}")
-    return png_of(image), "png"
-
-
-def png_of(rgb: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 [H, W, 3] array: unfiltered rows, zlib level 1. zlib runs without the
-    GIL (PIL's PNG encoder holds it), so the writer thread does not stall inference threads."""
-    h, w, _ = rgb.shape
-    raw = np.zeros((h, w * 3 + 1), np.uint8)   # each row: filter type 0, then its pixels
-    raw[:, 1:] = rgb.reshape(h, w * 3)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
 @dataclass
@@ -106,12 +57,6 @@ class _Item:
     captured_at: float
     nbytes: int
     encoded: tuple | None = None   # (bytes, kind, sample_id) when the caller wanted the id now
-
-
-def _size_of(image) -> int:
-    if isinstance(image, Image.Image):
-        return image.width * image.height * 4
-    return int(getattr(image, "nbytes", None) or len(image))
 
 
 class CaptureQueue:

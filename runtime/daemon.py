@@ -25,7 +25,6 @@ once the hub has answered on the current connection; its sample_ack and error re
 
 from __future__ import annotations
 
-import errno
 import logging
 import re
 import threading
@@ -36,21 +35,19 @@ from pathlib import Path
 import zmq
 
 from . import RUNTIME_VERSION
+from .daemon_packs import PackOutcomes
 from .daemon_state import (
     DaemonMemory,
     DaemonStats,
     FleetLink,
     installed_of,
     keys_folder_state,
-    previous_of,
 )
-from .durable import fsync_dir
 from .errors import KaizenError
 from .fetcher import Transfer
 from .keys import TrustedKeys
 from .outbox import Outbox
 from .protocol import Message, WireError, decode
-from .store import InstallIOError
 from .tarsafe import DEFAULT_LIMITS
 from .uploader import Uploader
 
@@ -60,15 +57,12 @@ STATION_TYPES = frozenset({"desired_state", "chunk", "ack", "error", "announce",
 PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.kpk$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_SHA_FAILURES = 3
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0   # backoff of a pack whose download or install hit the disk
-MAX_IO_FAILURES = 5                       # other I/O errors: then the pack is rejected for good
 RESUMES_KEPT = 1000                       # DaemonStats.resumed_from keeps the latest
 KEYS_CHECK_S = 1.0                        # how often the trusted keys folder is looked at
 MAX_PACK_BYTES = DEFAULT_LIMITS.max_total_bytes + 2 * 512 * (DEFAULT_LIMITS.max_members + 16)  # as read_pack
 
 
-class StationDaemon:
+class StationDaemon(PackOutcomes):
     """The fleet loop of one station. Owns its sockets; run it in one thread."""
 
     def __init__(self, link: FleetLink, installer, *, keep_downloads: bool = False,
@@ -374,49 +368,6 @@ class StationDaemon:
             self.stats.resumed_from.append((self.transfer.name, self.transfer.offset))
             del self.stats.resumed_from[:-RESUMES_KEPT]  # bounded: the latest ones
 
-    def _hub_rollback(self, entry: dict, current: int) -> None:
-        """The hub takes a task back to an older version (`rollback: true`): the store's own
-        rollback when that version is the one it kept as previous, else rejected (once) with why."""
-        task, version = entry["task_id"], entry["version"]
-        previous = previous_of(self.installer, task)
-        if previous != version or not callable(getattr(self.installer, "rollback", None)):
-            kept = "no previous version" if previous is None else f"only v{previous} as the previous one"
-            self._reject_for_good(entry, f"cannot roll {task} back from v{current} to v{version}: this station keeps "
-                                         f"{kept}; publish a new version with the old contents instead")
-            return
-        try:
-            self.installer.rollback(task)
-        except KaizenError as err:
-            self._reject_for_good(entry, f"rollback of {task} to v{version} failed: {err}")
-            return
-        self.stats.hub_rollbacks += 1
-        self._report(entry, "activated", f"rolled back by the hub from v{current}")
-        self.memory.mark_activated(entry["sha256"], entry["name"], entry["task_id"])
-        self._next_heartbeat = time.monotonic()   # tell the hub what is installed now
-
-    def _remove_unpublished(self, have: set) -> None:
-        """Stop serving tasks the hub unpublished altogether (desired_state `removed`)."""
-        tasks = {t for t, _ in have} & set(self.removed)
-        if not tasks:
-            return
-        remove = getattr(self.installer, "remove", None)
-        for task in sorted(tasks):
-            if not callable(remove):
-                if task not in self.stats.remove_unsupported:
-                    self.stats.remove_unsupported.append(task)
-                    log.error("%s: the hub unpublished task %s but this station's store cannot remove a task; "
-                              "still serving it", self.link.station_id, task)
-                continue
-            try:
-                remove(task)
-            except KaizenError as err:
-                log.error("%s: cannot remove unpublished task %s: %s", self.link.station_id, task, err)
-                continue
-            self.stats.hub_removals += 1
-            self.memory.forget_task(task)   # published again later: fetched and installed again
-            log.info("%s: task %s unpublished by the hub: removed", self.link.station_id, task)
-            self._next_heartbeat = time.monotonic()
-
     def _pump_transfer(self) -> None:
         t = self.transfer
         if t is None:
@@ -441,78 +392,6 @@ class StationDaemon:
         self.transfer = None
         self.install_download(entry, path)
         self._reconcile()
-
-    def install_download(self, entry: dict, path: Path) -> str:
-        """Install a whole, hash-checked download and report it; returns the state reported
-        ("activated", or "rejected" with the reason in stats.rejected). Never raises for a bad pack."""
-        self._report(entry, "received", None)
-        verify = getattr(self.installer, "verify", None)
-        state = "rejected"
-        try:
-            if callable(verify):
-                verify(path)
-                self._report(entry, "verified", None)
-            self.installer.install(path)
-        except InstallIOError as err:  # the disk failed, not the pack: retry later
-            self._pack_failed(entry, err.__cause__ if isinstance(err.__cause__, OSError)
-                              else OSError(err.errno, str(err)), None)
-        except KaizenError as err:
-            self._reject_for_good(entry, str(err))
-        except Exception as err:  # noqa: BLE001 - a bug or an unexpected input: refuse the pack once
-            self._pack_failed(entry, err, None)
-        else:
-            state = "activated"
-            self._io_failures.pop(entry["sha256"], None)
-            if not callable(verify):
-                self._report(entry, "verified", None)
-            self._report(entry, "activated", None)
-            self.memory.mark_activated(entry["sha256"], entry["name"], entry["task_id"])
-            self.stats.activated_at[entry["name"]] = time.time()
-        if not self.keep_downloads:
-            try:
-                path.unlink(missing_ok=True)
-                fsync_dir(self.downloads)
-            except OSError as err:  # the pack's outcome is already reported; only log this
-                log.warning("%s: cannot remove the download %s: %s", self.link.station_id, path, err)
-        return state
-
-    def _reject(self, t: Transfer, entry: dict, reason: str) -> None:
-        t.discard()
-        self.transfer = None
-        self._reject_for_good(entry, reason)
-
-    def _reject_for_good(self, entry: dict, reason: str) -> None:
-        """Report rejected(reason) once and never fetch this pack (this sha256) again."""
-        self.stats.rejected[entry["name"]] = reason
-        self._report(entry, "rejected", reason)
-        self.memory.mark_skip(entry["sha256"], reason)
-
-    def _pack_failed(self, entry: dict, err: BaseException, t: Transfer | None) -> None:
-        """One pack's download or install raised. A full disk or another I/O error: report it,
-        keep the partial download and retry with backoff; anything else: reject the pack for good."""
-        sha = entry["sha256"]
-        if t is not None:
-            t.close()  # the .part file and its offset stay: the retry resumes from there
-            if self.transfer is t:
-                self.transfer = None
-        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
-            n = self._io_failures[sha] = self._io_failures.get(sha, 0) + 1
-            what = "disk full" if err.errno in DISK_FULL else "disk error"
-            if what == "disk error" and n >= MAX_IO_FAILURES:
-                self._reject_for_good(entry, f"{what} ({err.strerror or err}) {n} times in a row")
-                return
-            delay = min(RETRY_FIRST_S * 2 ** (n - 1), RETRY_MAX_S)
-            self._retry_at[sha] = time.monotonic() + delay
-            self.stats.disk_errors += 1
-            reason = f"{what} ({err.strerror or err}); still serving from the store, retrying in {delay:.0f} s"
-            self.stats.rejected[entry["name"]] = reason
-            self._report(entry, "rejected", reason)
-            return
-        log.error("%s: pack %s failed: %s: %s", self.link.station_id, entry.get("name"),
-                  type(err).__name__, err, exc_info=err)
-        if t is not None:
-            t.discard()
-        self._reject_for_good(entry, f"internal error while handling the pack: {type(err).__name__}: {err}"[:500])
 
     def _report(self, entry: dict, state: str, reason: str | None) -> None:
         if reason is not None:   # valid Unicode, bounded, no object reprs: the hub refuses a lone surrogate

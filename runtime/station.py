@@ -29,7 +29,7 @@ import numpy as np
 
 from . import RUNTIME_VERSION
 from .bundle import Bundle
-from .capture import encoded_image, sample_id_of
+from .capture_image import encoded_image, sample_id_of
 from .capture_policy import CapturePolicy, RecentParts, check_feedback, kept_image
 from .durable import atomic_write_bytes
 from .engine import Engine

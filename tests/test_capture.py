@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kaizen.runtime.capture import CaptureQueue, sample_id_of
+from kaizen.runtime.capture import CaptureQueue
+from kaizen.runtime.capture_image import sample_id_of
 
 RESULT = {"outcome": "answered", "answer": "no", "task_id": "seal", "pack_version": 3, "confidence": 0.41,
           "scores": {"seal": 0.7, "holes": 0.2}, "selected": ["seal"], "timings_ms": {"total_ms": 5.0}}

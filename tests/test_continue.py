@@ -21,7 +21,8 @@ from kaizen.runtime.cli import main as kaizen
 from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.pack import verify_pack
-from kaizen.trainer.continue_run import ContinueConfig, continue_run, split_holdout
+from kaizen.trainer.continue_run import ContinueConfig, continue_run
+from kaizen.trainer.data.added import split_holdout
 from kaizen.trainer.data.drift import drifted_samples, write_llava_json
 from kaizen.trainer.data.types import DataError
 from kaizen.trainer.train import Shared, TrainConfig, train
@@ -129,6 +130,9 @@ def test_new_task_from_labelled_samples(run, shared, tmp_path, tiny_llama, signi
     again = continue_run(ContinueConfig(run=str(out), add=str(parts), task="label_turn", out=str(tmp_path / "lt2"),
                                         epochs=1), shared=shared)
     assert again["version"] == 2  # a new task can be continued like any other
+    assert kaizen(["eval", "--run", str(out)]) == 0  # re-evaluation rebuilds the added task too
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["matrix"]) == 4 and len(results["matrix"][-1]) == 4
 
 
 def _write(path, records):

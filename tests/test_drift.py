@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kaizen.runtime.errors import ConfigError
-from kaizen.trainer.continue_run import read_added
+from kaizen.trainer.data.added import read_added
 from kaizen.trainer.data.drift import drifted_task, write_llava_json
 from kaizen.trainer.data.synthetic import inspection_stream, make_task
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from kaizen.export.parity import fixed_images
 from kaizen.runtime.bundle import Bundle
-from kaizen.runtime.capture import CaptureQueue, sample_id_of
+from kaizen.runtime.capture import CaptureQueue
+from kaizen.runtime.capture_image import sample_id_of
 from kaizen.runtime.config import load_station_config
 from kaizen.runtime.endpoint import InferenceClient, InferenceServer, _EchoBackend
 from kaizen.runtime.engine import Engine

@@ -60,10 +60,14 @@ def evaluate_row(method, features, tasks, upto: int, full_matrix: bool = True, b
 
 
 def reevaluate(run_dir, progress_bar: bool = True) -> dict:
-    """Rebuild the run's method after each finished task from its checkpoint and evaluate it."""
+    """Rebuild the run's method after each finished task from its checkpoint and evaluate it.
+    A continue run (`kaizen train --continue`) is evaluated on its whole stream: the tasks a
+    `--new-task` added and the samples each `--task` added to a task's train split."""
     from . import train as tr
+    from .data.added import rebuild_tasks
 
     session = tr.Session.from_run(run_dir)
+    session.tasks = rebuild_tasks(session)
     rows = session.state["rows"]
     for t, row in enumerate(rows):
         method = session.restore(upto=t)
