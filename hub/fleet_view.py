@@ -11,7 +11,9 @@ Rollout progress of a pack = stations where it is activated / stations it is tar
 newest published version of its task for that station); `rollout` is its staged-rollout state
 (canary / held / promoted, None when published to its whole target at once). A pack installed
 offline on a station shows in that station's packs as `TASK@VERSION` in state `local`. Bounded: at most MAX_PACKS packs (the
-newest versions first) and reasons cut to MAX_REASON_CHARS.
+newest versions first) and reasons cut to MAX_REASON_CHARS. `snap["samples"]`: the captured parts
+the hub holds (hub/samples.py's samples.sqlite, read-only): stored, labelled, bytes, and per task
+(at most MAX_SAMPLE_TASKS, the most samples first).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CACHE_S = 1.0
 CONNECTED_WITHIN_S = 30.0
 MAX_PACKS = 200
 MAX_REASON_CHARS = 300
+MAX_SAMPLE_TASKS = 100
 STATES = ("pending", "received", "verified", "activated", "rejected", "rolled_back")
 
 
@@ -39,6 +42,27 @@ class ReadOnlyHubDB(HubDB):
         self.path = path
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
+
+
+def sample_counts(samples_dir) -> dict:
+    """{"stored", "labelled", "bytes", "tasks": [{"task", "stored", "labelled"}], "tasks_truncated"}
+    of the hub's sample store, read-only; all zero while nothing was uploaded (no database yet)."""
+    empty = {"stored": 0, "labelled": 0, "bytes": 0, "tasks": [], "tasks_truncated": 0}
+    path = None if samples_dir is None else samples_dir / "samples.sqlite"
+    if path is None or not path.exists():
+        return empty
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows = conn.execute("SELECT task, COUNT(*), COUNT(label), COALESCE(SUM(image_bytes), 0) FROM samples "
+                                "GROUP BY task ORDER BY COUNT(*) DESC, task").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as err:   # shown on the page and in /status.json; the rest of the view still works
+        return empty | {"error": _short(f"{path}: {err}; check the file (kaizen hub samples list)")}
+    return {"stored": sum(r[1] for r in rows), "labelled": sum(r[2] for r in rows), "bytes": sum(r[3] for r in rows),
+            "tasks": [{"task": _short(r[0]), "stored": r[1], "labelled": r[2]} for r in rows[:MAX_SAMPLE_TASKS]],
+            "tasks_truncated": max(0, len(rows) - MAX_SAMPLE_TASKS)}
 
 
 def _short(text: str) -> str:
@@ -70,7 +94,7 @@ class FleetView:
         if not config.db_path.exists():   # the hub has not written anything yet: its allow-list, never seen
             rows = [{"station_id": s.id, "allowed": True, "last_seen": None, "seen_ago_s": None, "installed": [],
                      "packs": {}} for s in sorted(config.stations, key=lambda s: s.id)]
-            return self._build(config, rows, [], {}, {})
+            return self._build(config, rows, [], {}, {}) | {"samples": sample_counts(config.samples_dir)}
         db = ReadOnlyHubDB(config.db_path)
         try:
             rows = fleet_status(db, config)
@@ -81,7 +105,7 @@ class FleetView:
             rollouts = db.rollouts()
         finally:
             db.close()
-        return self._build(config, rows, packs, desired, rollouts)
+        return self._build(config, rows, packs, desired, rollouts) | {"samples": sample_counts(config.samples_dir)}
 
     def _build(self, config: HubConfig, rows: list[dict], packs: list, desired: dict, rollouts: dict) -> dict:
         groups_of = {s.id: list(s.groups) for s in config.stations}

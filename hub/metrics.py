@@ -15,6 +15,11 @@ Metrics (all prefixed kaizen_hub_):
   messages_dropped_total            station messages not answered (unknown sender, failed send)
   error_replies_total{code}         typed error replies sent
   internal_errors_total, reloads_total, reload_errors_total
+  samples{state}                    captured parts stored at the hub: labelled | unlabelled
+  samples_bytes                     their image bytes
+  sample_chunks_total, samples_received_total, samples_refused_total, sample_store_errors_total
+                                    sample_chunk messages answered; samples acked done (stored or
+                                    already held); refused for good; answered retry (store's disk failed)
 Each scrape reads the hub's counters (plain ints) and one cached FleetView snapshot.
 """
 
@@ -40,6 +45,9 @@ class HubMetrics:
         def totals() -> dict:
             return view.snapshot()["totals"]
 
+        def samples() -> dict:
+            return view.snapshot()["samples"]
+
         r.func("kaizen_hub_stations", "gauge", "Stations: allow-listed, ever seen, connected now",
                lambda: {(k,): totals()[k] for k in ("allowed", "seen", "connected")}, ["state"])
         r.func("kaizen_hub_deliveries", "gauge", "Deliveries (station, pack) by state",
@@ -63,6 +71,17 @@ class HubMetrics:
                lambda: s.internal)
         r.func("kaizen_hub_reloads_total", "counter", "hub.toml reloads applied", lambda: s.reloads)
         r.func("kaizen_hub_reload_errors_total", "counter", "hub.toml reloads refused", lambda: s.reload_errors)
+        r.func("kaizen_hub_samples", "gauge", "Captured parts stored at the hub, by label state",
+               lambda: {("labelled",): samples()["labelled"], ("unlabelled",): samples()["stored"] - samples()["labelled"]},
+               ["state"])
+        r.func("kaizen_hub_samples_bytes", "gauge", "Image bytes of the stored captured parts",
+               lambda: samples()["bytes"])
+        r.func("kaizen_hub_sample_chunks_total", "counter", "sample_chunk messages answered", lambda: s.sample_chunks)
+        r.func("kaizen_hub_samples_received_total", "counter", "Captured parts acked done (stored, or held already)",
+               lambda: s.samples_done)
+        r.func("kaizen_hub_samples_refused_total", "counter", "Captured parts refused for good", lambda: s.samples_refused)
+        r.func("kaizen_hub_sample_store_errors_total", "counter", "sample_chunks answered retry: the store's disk failed",
+               lambda: s.sample_store_errors)
 
     def render(self) -> tuple[str, bytes]:
         return CONTENT_TYPE, self.registry.render().encode()

@@ -70,6 +70,26 @@ def _state(name: str, p: dict) -> str:
             f'{_e(name)}: {_e(p["state"])}{reason}</span>')
 
 
+def _samples_html(samples: dict | None) -> list[str]:
+    """The "Captured parts" section: what stations uploaded for the improvement loop, per task."""
+    if not samples:
+        return []
+    out = ["<h2>Captured parts</h2>",
+           f'<p id="samples">{samples["stored"]} stored at the hub ({samples["labelled"]} labelled, '
+           f'{samples["bytes"] / 1e6:.1f} MB); <span class="muted">kaizen hub samples list | export | import</span></p>']
+    if samples.get("error"):
+        out.append(f'<p class="reason">cannot read the sample store: {_e(samples["error"])}</p>')
+    if samples["tasks"]:
+        out.append('<table id="sample-tasks"><tr><th>task</th><th>stored</th><th>labelled</th><th>unlabelled</th></tr>')
+        for t in samples["tasks"]:
+            out.append(f'<tr data-sample-task="{_e(t["task"])}"><td>{_e(t["task"])}</td><td>{t["stored"]}</td>'
+                       f'<td>{t["labelled"]}</td><td>{t["stored"] - t["labelled"]}</td></tr>')
+        out.append("</table>")
+    if samples.get("tasks_truncated"):
+        out.append(f'<p class="muted">{samples["tasks_truncated"]} more tasks not shown.</p>')
+    return out
+
+
 def render_html(snap: dict) -> str:
     """The whole page for one FleetView snapshot."""
     t = snap["totals"]
@@ -99,6 +119,7 @@ def render_html(snap: dict) -> str:
     out.append("</table>")
     if snap.get("packs_truncated"):
         out.append(f'<p class="muted">{snap["packs_truncated"]} older packs not shown.</p>')
+    out += _samples_html(snap.get("samples"))
     out += ["<h2>Groups</h2>", '<table id="groups"><tr><th>group</th><th>stations</th><th>connected</th>'
             "<th>desired packs by state</th></tr>"]
     for g in snap["groups"]:

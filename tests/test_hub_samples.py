@@ -197,6 +197,38 @@ def test_list_shows_samples_per_task(filled, capsys):
     assert sorted(r["sample_id"] for r in rows) == sorted(ids["seal"]) and {r["task"] for r in rows} == {"seal"}
 
 
+def test_status_page_and_metrics_show_the_stored_samples(filled, tmp_path):
+    """The hub's status page (/status.json and HTML) and /metrics count what stations uploaded."""
+    from types import SimpleNamespace
+
+    from kaizen.hub.fleet_view import FleetView
+    from kaizen.hub.metrics import HubMetrics
+    from kaizen.hub.server import HubStats
+    from kaizen.hub.status_page import render_html
+
+    conf, _ = filled
+    view = FleetView(load_hub_config(conf), cache_s=0.0)
+    got = view.snapshot()["samples"]
+    assert (got["stored"], got["labelled"]) == (5, 1) and got["bytes"] > 0
+    assert got["tasks"] == [{"task": "unmatched", "stored": 3, "labelled": 0}, {"task": "seal", "stored": 2, "labelled": 1}]
+    page = render_html(view.snapshot())
+    assert "5 stored at the hub (1 labelled" in page and '<tr data-sample-task="seal"><td>seal</td><td>2</td>' in page
+    stats = HubStats(sample_chunks=7, samples_done=5, samples_refused=1)
+    text = HubMetrics(SimpleNamespace(stats=stats, unservable=[]), view).render()[1].decode()
+    for line in ('kaizen_hub_samples{state="labelled"} 1.0', 'kaizen_hub_samples{state="unlabelled"} 4.0',
+                 "kaizen_hub_sample_chunks_total 7.0", "kaizen_hub_samples_received_total 5.0",
+                 "kaizen_hub_samples_refused_total 1.0", "kaizen_hub_sample_store_errors_total 0.0"):
+        assert line in text.splitlines(), line
+    (tmp_path / "other").mkdir()
+    empty = FleetView(load_hub_config(hub_toml(tmp_path / "other")), cache_s=0.0).snapshot()["samples"]
+    assert empty["stored"] == 0 and empty["tasks"] == []   # nothing uploaded yet: no database, no error
+    (tmp_path / "other" / "state" / "samples").mkdir(parents=True)
+    (tmp_path / "other" / "state" / "samples" / "samples.sqlite").write_bytes(b"not a database" * 100)
+    broken = FleetView(load_hub_config(hub_toml(tmp_path / "other")), cache_s=0.0).snapshot()
+    assert broken["samples"]["stored"] == 0 and "samples.sqlite" in broken["samples"]["error"]
+    assert "cannot read the sample store" in render_html(broken) and broken["totals"]["allowed"] == 0
+
+
 def test_export_label_import_round_trip_reads_as_llava_json(filled, tmp_path, capsys):
     conf, ids = filled
     out = tmp_path / "unmatched"
