@@ -21,7 +21,7 @@ from kaizen.runtime.cli import main as kaizen
 from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.keys import TrustedKeys
 from kaizen.runtime.pack import verify_pack
-from kaizen.trainer.continue_run import ContinueConfig, continue_run
+from kaizen.trainer.continue_run import ContinueConfig, continue_run, replay_factor
 from kaizen.trainer.data.added import split_holdout
 from kaizen.trainer.data.drift import drifted_samples, write_llava_json
 from kaizen.trainer.data.types import DataError
@@ -66,6 +66,7 @@ def test_continue_writes_version_n_plus_1_and_leaves_other_tasks_alone(run, v2):
     added = report["added"]
     assert (added["labelled"], added["unlabelled_skipped"], added["train"], added["heldout"]) == (10, 2, 8, 2)
     assert report["train"]["samples"] == 8 + 8  # the run's 8 old train parts + 8 added ones
+    assert report["train"]["replay"] == 1   # auto: 8 old parts already weigh as much as 8 added ones
     assert report["train"]["steps"] == 3 * 4 and report["train"]["loss_last"] < report["train"]["loss_first"]
     assert set(report["before"]["others"]) == {"hole_count", "cable_color"}
     assert report["before"]["heldout"] is not None and report["after"]["heldout"] is not None
@@ -101,9 +102,10 @@ def test_export_of_the_continue_run_is_version_n_plus_1_and_verifies(v2, tiny_ll
 
 def test_continue_of_a_continue_run_keeps_old_and_added_data(v2, data, shared, tmp_path):
     report = continue_run(ContinueConfig(run=str(v2), add=str(data), task=TASK, out=str(tmp_path / "v3"),
-                                         epochs=1, train="prompt,lora"), shared=shared)
+                                         epochs=1, train="prompt,lora", replay=2), shared=shared)
     assert report["version"] == 3 and report["parent_version"] == 2
-    assert report["train"]["samples"] == 8 + 8 + 8  # stream + v2's added + this file's again
+    # old data = the stream's 8 + v2's 8 added, replayed twice as asked, + this file's 8 again
+    assert report["train"]["samples"] == 2 * (8 + 8) + 8 and report["train"]["replay"] == 2
     old = load_file(str(v2 / "tasks" / "0_seal_defect" / "pack.safetensors"))
     new = load_file(str(tmp_path / "v3" / "tasks" / "0_seal_defect" / "pack.safetensors"))
     assert not np.array_equal(old["prompt"], new["prompt"])  # asked for: the prompt trains too
@@ -170,6 +172,13 @@ def test_bad_added_data_is_refused_with_the_file_and_record(run, data, shared, t
         go(data, task="", new_task="Bad Name")
     with pytest.raises(ConfigError, match="exactly one of"):
         ContinueConfig(run=str(run), add=str(data))
+
+
+def test_auto_replay_weighs_old_data_at_least_as_much_as_the_added_data():
+    assert replay_factor(160, 300) == 2 and replay_factor(160, 160) == 1 and replay_factor(160, 40) == 1
+    assert replay_factor(8, 20) == 3 and replay_factor(0, 5) == 5
+    with pytest.raises(ConfigError, match="--replay"):
+        ContinueConfig(run="r", add="a.json", task=TASK, replay=-1)
 
 
 def test_holdout_is_deterministic_and_independent_of_record_order():
