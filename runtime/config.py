@@ -106,7 +106,7 @@ class StationConfig:
     hub_announce_endpoint: str = ""       # the hub's PUB socket (hints only); "" = none
     threshold: float = 0.2                # selection: below this score -> "no task matches"
     calibrated_threshold: bool = True     # also below the best pack's own calibrated selection_threshold
-    top_k: int = 3
+    top_k: int = 0                        # packs fused per answer; 0 = each pack's own fusion_top_k
     heartbeat_s: float = 5.0
     hub_timeout_s: float = 15.0           # silence after which the DEALER is reopened
     credit: int = 4                       # chunks in flight per transfer
@@ -147,7 +147,8 @@ class StationConfig:
             raise _fail(src, "threshold", f"{self.threshold!r} must be a number in [-1, 1]")
         if not isinstance(self.calibrated_threshold, bool):
             raise _fail(src, "calibrated_threshold", f"{self.calibrated_threshold!r} must be true or false")
-        _check_positive(src, "top_k", self.top_k, integer=True)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= 64:
+            raise _fail(src, "top_k", f"{self.top_k!r} must be 0 (fuse as each pack was trained) or 1..64 packs")
         _check_positive(src, "max_image_pixels", self.max_image_pixels, integer=True)
         _check_positive(src, "max_instruction_tokens", self.max_instruction_tokens, integer=True)
         _check_positive(src, "heartbeat_s", self.heartbeat_s)

@@ -79,7 +79,7 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
 
 class Station:
     def __init__(self, bundle_dir, store_root, trusted_keys: TrustedKeys, *, threshold: float = 0.3,
-                 top_k: int = 3, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
+                 top_k: int = 0, alpha: float = ALPHA, providers: list[str] | None = None, threads: int = 0,
                  max_new_tokens: int = 16, probe_golden: bool = True, max_image_pixels: int = MAX_PIXELS,
                  max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS, calibrated: bool = False,
                  capture=None, capture_confidence: float = 0.5, capture_task_confidence: dict | None = None,
@@ -88,7 +88,8 @@ class Station:
         self.engine = Engine(self.bundle, max_instruction_tokens=max_instruction_tokens)
         self.max_image_pixels = max_image_pixels
         self.store = PackStore(store_root, trusted_keys, self.bundle.fingerprint, RUNTIME_VERSION)
-        self.threshold, self.top_k, self.alpha = threshold, top_k, alpha
+        assert top_k >= 0, "top_k: 0 (each pack's own fusion_top_k) or the packs fused per answer"
+        self.threshold, self.top_k, self.alpha = threshold, top_k, alpha   # top_k 0: from the packs
         self.calibrated = calibrated  # also refuse below the selected pack's own `selection_threshold`
         self.max_new_tokens, self.probe_golden = max_new_tokens, probe_golden
         self._lock = threading.Lock()
@@ -211,6 +212,16 @@ class Station:
         own = pack.manifest.metrics.get("selection_threshold") if self.calibrated else None
         return max(self.threshold, float(own)) if isinstance(own, (int, float)) else self.threshold
 
+    DEFAULT_TOP_K = 3   # packs fused for a pack that does not say (written before fusion_top_k existed)
+
+    def _k(self, pack) -> int:
+        """Packs fused when `pack` is selected: the station's top_k when set, else the k the pack
+        was trained with (manifest metrics `fusion_top_k`), so stations fuse as the trainer did."""
+        if self.top_k:
+            return self.top_k
+        own = pack.manifest.metrics.get("fusion_top_k")
+        return own if isinstance(own, int) and not isinstance(own, bool) and 1 <= own <= 64 else self.DEFAULT_TOP_K
+
     def infer(self, image, instruction: str, task: str | None = None) -> dict:
         return self.infer_batch([image], [instruction], [task])[0]
 
@@ -238,7 +249,7 @@ class Station:
         t1 = time.perf_counter()
         q_img, feats = self.engine.image_queries(rgb)
         s = scores(q_img, self._text_queries(snap, instructions), snap.keys, self.alpha)
-        order = top_k(s, self.top_k)
+        order = top_k(s, max(self._k(p) for p in snap.packs))
         t2 = time.perf_counter()
         names = [p.manifest.task_id for p in snap.packs]
         groups: dict[tuple, list[int]] = {}
@@ -249,11 +260,12 @@ class Station:
                 if tasks[b] not in names:
                     raise InputError(f"task {tasks[b]!r} is not installed here (installed: {names})")
                 forced = names.index(tasks[b])
-                chosen = [forced] + [i for i in chosen if i != forced][: self.top_k - 1]
+                chosen = [forced] + [i for i in chosen if i != forced]
             elif s[b, chosen[0]] < (floor := self._floor(snap.packs[chosen[0]])):
                 results[b] = self._no_match(self._scores(names, s[b]), f"best score {s[b, chosen[0]]:.3f} is below "
                                             f"the threshold {floor:.3f}")
                 continue
+            chosen = chosen[: self._k(snap.packs[chosen[0]])]
             groups.setdefault(tuple(chosen), []).append(b)
         for chosen, rows in groups.items():
             packs = [snap.packs[i] for i in chosen]
@@ -325,7 +337,7 @@ class Station:
                 "providers": self.bundle.providers, "packs": self.store.list(),
                 "inactive_packs": [{"task": t, "reason": r} for t, r in sorted(self.store.inactive().items())],
                 "threshold": self.threshold,
-                "top_k": self.top_k, "uptime_s": round(time.time() - self.started_at, 1),
+                "top_k": self.top_k or "from the packs", "uptime_s": round(time.time() - self.started_at, 1),
                 **({"capture": self.capture.stats()} if self.capture is not None else {})}
 
     def close(self) -> None:

@@ -66,7 +66,7 @@ def test_station_defaults_and_relative_paths(tmp_path):
     cfg = load_station_config(write(tmp_path, "station.toml", STATION))
     assert cfg.store_dir == (tmp_path / "conf" / "store").resolve()
     assert cfg.hub_public_key_file == (tmp_path / "conf" / "keys" / "hub.pub").resolve()
-    assert (cfg.credit, cfg.top_k, cfg.heartbeat_s) == (4, 3, 5.0)
+    assert (cfg.credit, cfg.top_k, cfg.heartbeat_s) == (4, 0, 5.0)   # top_k 0: as each pack was trained
 
 
 def test_station_table_form(tmp_path):

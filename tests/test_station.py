@@ -31,7 +31,8 @@ def signer():
     return generate_signing_key()
 
 
-def make_pack(path, engine, signer, task_id, version, image, instruction, seed, wrong_golden=False, rank=4):
+def make_pack(path, engine, signer, task_id, version, image, instruction, seed, wrong_golden=False, rank=4,
+              metrics=None):
     """A pack whose key points at (image, instruction) and whose golden answer is what it answers."""
     rng = np.random.default_rng(seed)
     key = engine.clip_image([image])[0] + engine.clip_text([instruction])[0]
@@ -49,7 +50,7 @@ def make_pack(path, engine, signer, task_id, version, image, instruction, seed, 
                       base_fingerprint=engine.bundle.fingerprint, prompt=prompt, key=key,
                       text_emb=engine.clip_text([instruction]), lora=lora, instructions=[instruction],
                       answers=ANSWERS, golden=[GoldenSample(png, instruction, golden_answer)],
-                      metrics={"accuracy": 100.0}, signing_key=signer, lora_rank=rank)
+                      metrics=metrics or {"accuracy": 100.0}, signing_key=signer, lora_rank=rank)
 
 
 @pytest.fixture
@@ -83,6 +84,27 @@ def test_station_answer_equals_engine_with_the_same_pack(station, engine):
     want = engine.score_answers([load_rgb(img)], [instr], ANSWERS, np.concatenate([p.prompt for p in packs]),
                                 dict(packs[0].lora))[0]
     assert r["answer"] == want.answer and abs(r["confidence"] - want.confidence) < 1e-6
+
+
+def test_each_pack_fuses_as_many_packs_as_it_was_trained_with(tiny_llama, tmp_path, engine, signer):
+    """top_k = 0 (the default): a part fuses the prompts of as many packs as its best pack's
+    fusion_top_k says (the trainer's top_k), 3 for a pack that does not say; top_k > 0 overrides."""
+    imgs = fixed_images(64, n=3, seed=5)
+    tasks = [("seal", "Is the seal torn?", 1), ("holes", "How many holes are there?", 2),
+             ("cable", "What colour is it?", None)]
+    st = Station(tiny_llama[1], tmp_path / "store", TrustedKeys([signer.public_key()]), threshold=-1.0)
+    try:
+        for i, (task, instr, k) in enumerate(tasks):
+            metrics = {"accuracy": 100.0} if k is None else {"accuracy": 100.0, "fusion_top_k": k}
+            make_pack(tmp_path / f"{task}-1.kpk", engine, signer, task, 1, imgs[i], instr, seed=i + 1, metrics=metrics)
+            st.install(tmp_path / f"{task}-1.kpk")
+        got = {task: st.infer(imgs[i], instr)["selected"] for i, (task, instr, _) in enumerate(tasks)}
+        assert [len(got[t]) for t in ("seal", "holes", "cable")] == [1, 2, 3] and all(got[t][0] == t for t in got)
+        assert len(st.infer(imgs[1], tasks[1][1], task="seal")["selected"]) == 1   # the forced pack's own k
+        st.top_k = 2
+        assert all(len(st.infer(imgs[i], instr)["selected"]) == 2 for i, (_, instr, _) in enumerate(tasks))
+    finally:
+        st.close()
 
 
 def test_below_threshold_says_no_task_matches(station):

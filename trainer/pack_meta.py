@@ -73,7 +73,8 @@ def write_pack_meta(session, method, t: int, row: dict) -> Path | None:
         golden.append({"image": f"golden/{k}.png", "instruction": task.test[i].instruction, "answer": answer})
     metrics = {"accuracy_after_training": row.get("acc", [None] * (t + 1))[t], "train_seconds": row.get("train_seconds"),
                "trainable_params": row.get("trainable_params"), "selection": row.get("selection_mean"),
-               "selection_threshold": selection_floor(method, session, t)}
+               "selection_threshold": selection_floor(method, session, t),
+               "fusion_top_k": int(method.cfg.top_k)}   # stations fuse this many packs when this one is selected
     meta = {"task_id": task.task_id, "method": method.name, "instructions": list(task.train_instructions),
             "answers": list(task.answers) if task.answers else None, "base_fingerprint": session.shared.fingerprint,
             "metrics": metrics, "golden": golden}

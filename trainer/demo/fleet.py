@@ -92,7 +92,7 @@ class DemoFleet:
                 # every test part is one of the stream's: answered, so the stations can be compared
                 # with the trainer part by part (no-match is measured by bench/selection.py)
                 f'runtime_dir = "{self.run_root / f"s{i}"}"\n'
-                'threshold = 0.0\ncalibrated_threshold = false\ntop_k = 3\nheartbeat_s = 1.0\nhub_timeout_s = 5.0\n')
+                'threshold = 0.0\ncalibrated_threshold = false\ntop_k = 0\nheartbeat_s = 1.0\nhub_timeout_s = 5.0\n')
         (w / "hub").mkdir(exist_ok=True)
 
     # --- processes ------------------------------------------------------------------------------
