@@ -3,7 +3,10 @@
     bundle = Bundle.open("bundles/tiny-llama")            # verifies every sha256 in base.json
     sess = bundle.session("decoder.onnx")                 # providers always explicit
 
-Written by kaizen.export.base_export; the layout is in docs/ARCHITECTURE.md.
+Written by kaizen.export.base_export; the layout is in docs/ARCHITECTURE.md. A graph over the
+protobuf limit keeps its weights in `<graph>.onnx.data` next to it: base.json's optional
+`external_data` {graph: [data file, ...]} says which, and `files` hashes them like every other file.
+Bundles without `external_data` (all graphs self-contained) open as before.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Bundle:
         if kind not in QUERY_KINDS or (kind == "clip" and "clip" not in meta):
             raise BundleError(f"{meta_path}: query kind {kind!r} is not one of {list(QUERY_KINDS)} (or its "
                               "'clip' section is missing); re-export the bundle")
+        _check_file_names(meta_path, meta)
         bundle = cls(path, meta, list(providers or default_providers()), threads)
         if verify:
             bundle.verify_files()
@@ -86,11 +90,21 @@ class Bundle:
     def verify_files(self) -> None:
         for name, digest in self.meta["files"].items():
             f = self.path / name
+            role = self._role(name)
             if not f.exists():
-                raise BundleError(f"bundle file {f} is missing; copy the whole bundle folder again")
+                raise BundleError(f"bundle file {f}{role} is missing; copy the whole bundle folder again "
+                                  "(or re-export it with `kaizen base export`)")
             if sha256_file(f) != digest:
-                raise BundleError(f"bundle file {f} does not match its sha256 in base.json (altered or "
-                                  "corrupt); copy the bundle again")
+                raise BundleError(f"bundle file {f}{role} does not match its sha256 in base.json (altered or "
+                                  "corrupt, e.g. a partial copy); copy the bundle again or re-export it")
+
+    def external_data(self, graph: str) -> list[str]:
+        """The external data files of `graph` (e.g. ["decoder.onnx.data"]); [] for a self-contained graph."""
+        return list(self.meta.get("external_data", {}).get(graph, []))
+
+    def _role(self, name: str) -> str:
+        graphs = [g for g, files in self.meta.get("external_data", {}).items() if name in files]
+        return f" (external weights of {graphs[0]})" if graphs else ""
 
     @property
     def fingerprint(self) -> str:
@@ -104,6 +118,10 @@ class Bundle:
 
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
+            for data in self.external_data(name):  # also when opened with verify=False
+                if not (self.path / data).is_file():
+                    raise BundleError(f"bundle file {self.path / data} (external weights of {name}) is missing; "
+                                      "copy the whole bundle folder again (or re-export it)")
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             # No busy-waiting worker threads: on a station's few cores they steal CPU from the
@@ -131,3 +149,24 @@ class Bundle:
 
     def lora_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self.meta["lora"]["shapes"].items()}
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _check_file_names(meta_path: Path, meta: dict) -> None:
+    """Every file base.json names is a plain name inside the bundle folder, and every external data
+    file of a graph is hashed in `files`."""
+    files = meta["files"]
+    if not isinstance(files, dict) or not all(_plain_name(n) and isinstance(d, str) for n, d in files.items()):
+        raise BundleError(f"{meta_path}: 'files' must map plain file names (no folders) to sha256 hex; "
+                          "re-export the bundle")
+    external = meta.get("external_data", {})
+    if not isinstance(external, dict) or not all(isinstance(v, list) for v in external.values()):
+        raise BundleError(f"{meta_path}: 'external_data' must map a graph to a list of data files; re-export")
+    for graph, data_files in external.items():
+        for name in data_files:
+            if not _plain_name(name) or name not in files:
+                raise BundleError(f"{meta_path}: external data {name!r} of {graph} has no sha256 in 'files' "
+                                  "(or is not a plain file name); re-export the bundle")

@@ -1,8 +1,11 @@
-"""Built-in base presets as data: the tiny bases for tests/demo/CI and a `small` benchmark shape.
+"""Built-in base presets as data: the tiny bases for tests/demo/CI, `small` and `medium` benchmark shapes.
 
 Same classes as the real models (LlavaForConditionalGeneration with a CLIP vision tower and a
-Llama or Qwen2 language model; CLIPModel for the query encoder), made from a seed. `small` has
-a realistic shape but random weights: it is for timing and size figures only.
+Llama or Qwen2 language model; CLIPModel for the query encoder), made from a seed. `small` and
+`medium` have realistic shapes but random weights: they are for timing, size and memory figures
+only. `medium` (~640M parameters, 2.6 GB in fp32; its decoder graph alone is 2.5 GB) is past the
+2 GiB protobuf limit, so its export exercises external data (tests/test_external_data.py, slow;
+bench/export_memory.py).
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ PRESETS: dict[str, BasePreset] = {
                         intermediate=1408, vision_hidden=384, vision_layers=6, vision_heads=6,
                         image_size=224, patch=16, clip_hidden=256, clip_layers=4, clip_dim=256,
                         clip_image_size=224, vocab_size=8192, pretrained=False),
+    "medium": BasePreset(name="medium", text_arch="llama", hidden=1536, layers=24, heads=12, kv_heads=4,
+                         intermediate=4096, vision_hidden=384, vision_layers=6, vision_heads=6,
+                         image_size=224, patch=16, clip_hidden=256, clip_layers=4, clip_dim=256,
+                         clip_image_size=224, vocab_size=8192, pretrained=False),
 }
 
 
