@@ -69,7 +69,8 @@ print("RESULT " + json.dumps({
 def run_child(code: str, *args: str) -> tuple[dict | None, float, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True,
+                          env=env, cwd=REPO)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     for preset in a.presets:
         print(f"exporting {preset} ...", flush=True)
         rows.append(measure(preset, Path(a.root), a.precision, a.threads, a.limit_gib))
-    print(f"\n| preset | weights GB | peak RSS GB | peak/weights | export s | parity s | external data |")
+    print("\n| preset | weights GB | peak RSS GB | peak/weights | export s | parity s | external data |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['weights_bytes'] / 1e9:.3f} | {r['peak_rss'] / 1e9:.2f} | "

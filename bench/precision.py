@@ -7,7 +7,8 @@ Exports every task of RUN (a `kaizen train --method kaizen` run on the bundles' 
 installs them into one Station per bundle (1 thread), answers every test part of the run's stream
 one part per call (as a station is asked), and prints per bundle: accuracy, share of answers
 identical to fp32, bundle MB and decoder.onnx MB, the export's parity figures (parity.json), and
-the per-part p50 (whole part, and its decoder part: the station's decode_ms). Writes
+the per-part p50 (whole part, and its decoder part: the station's decode_ms), and which packs the
+station's golden-sample probe refuses on that bundle (then installed without the probe). Writes
 reports/bench/<report>.json and <report>.md (--append adds a section to the .md).
 """
 
@@ -24,6 +25,7 @@ from common import OUT, load, median
 from PIL import Image
 
 from kaizen.export.pack_export import export_pack, find_task_dir
+from kaizen.runtime.errors import PackError
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 from kaizen.runtime.station import Station
 from kaizen.trainer.data.stream import resolve_stream
@@ -45,9 +47,16 @@ def run_bundle(bundle: str, run: Path, res: dict, parts, key) -> dict:
     """Answers and per-part timings of one bundle's station."""
     with tempfile.TemporaryDirectory() as d:
         st = Station(bundle, Path(d) / "store", TrustedKeys([key.public_key()]), threshold=-1.0, threads=1)
+        refused = []  # a pack the golden probe refuses is noted, then installed without the probe
         for t in res["stream"]:
             export_pack(find_task_dir(run, t), Path(d) / f"{t}.kpk", bundle=st.bundle, signing_key=key)
-            st.install(Path(d) / f"{t}.kpk")
+            try:
+                st.install(Path(d) / f"{t}.kpk")
+            except PackError:
+                refused.append(t)
+                st.probe_golden = False
+                st.install(Path(d) / f"{t}.kpk")
+                st.probe_golden = True
         st.infer_batch([parts[0][0]], [parts[0][1]])  # warm-up: sessions, arenas
         answers, total, decode = [], [], []
         for png, instruction, _ in parts:
@@ -62,7 +71,7 @@ def run_bundle(bundle: str, run: Path, res: dict, parts, key) -> dict:
     return {"bundle": str(bundle), "precision": meta["precision"], "answers": answers,
             "bundle_mb": sum((Path(bundle) / f).stat().st_size for f in meta["files"]) / 1e6,
             "decoder_mb": (Path(bundle) / "decoder.onnx").stat().st_size / 1e6,
-            "p50_part_ms": median(total), "p50_decode_ms": median(decode),
+            "golden_probe_would_refuse": refused, "p50_part_ms": median(total), "p50_decode_ms": median(decode),
             "parity_max_abs_diff": parity.get("max_abs_diff_logits"),
             "parity_argmax_agreement": parity.get("argmax_agreement"),
             "parity_tokens_equal": parity.get("tokens_equal")}
@@ -70,15 +79,17 @@ def run_bundle(bundle: str, run: Path, res: dict, parts, key) -> dict:
 
 def table(rows: list[dict], n: int) -> str:
     lines = ["| bundle | accuracy % | answers identical to fp32 | bundle MB | decoder.onnx MB | p50 part ms | "
-             "p50 decoder ms | parity max \\|diff\\| logits | parity argmax agreement | greedy tokens equal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 decoder ms | parity max \\|diff\\| logits | parity argmax agreement | greedy tokens equal | "
+             "packs the golden probe refuses |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         agree = r["parity_argmax_agreement"]
         diff = r["parity_max_abs_diff"]
         lines.append(f"| {r['precision']} | {r['accuracy']:.1f} | {r['identical_pct']:.1f} % | {r['bundle_mb']:.2f} | "
                      f"{r['decoder_mb']:.3f} | {r['p50_part_ms']:.1f} | {r['p50_decode_ms']:.1f} | "
                      f"{'-' if diff is None else f'{diff:.2g}'} | {'-' if agree is None else f'{agree:.3f}'} | "
-                     f"{'-' if r['parity_tokens_equal'] is None else ('yes' if r['parity_tokens_equal'] else 'no')} |")
+                     f"{'-' if r['parity_tokens_equal'] is None else ('yes' if r['parity_tokens_equal'] else 'no')} | "
+                     f"{', '.join(r['golden_probe_would_refuse']) or 'none'} |")
     return "\n".join(lines) + f"\n\n{n} test parts, one per call, 1 thread per station.\n"
 
 
