@@ -195,7 +195,7 @@ def improvement_loop(fleet, delivery, run: Path, tasks, shared, log, *, seed: in
         "corrections): "
         f"drifted {result['drifted']['v1']:.1f} -> {result['drifted']['v2']:.1f} %, original "
         f"{result['original']['v1']:.1f} -> {result['original']['v2']:.1f} %, other tasks' answers changed "
-        f"{result['others']['answers_changed']} of {result['others']['parts']}; first capture -> v2 active "
+        f"{result['others']['answers_changed']} of {result['others']['parts']}; first capture -> v{version} active "
         f"{result['timeline_s']['first_capture_to_v2_active']} s")
     done.write_text(json.dumps(result, indent=2))
     return result
@@ -219,7 +219,7 @@ def improve_lines(r: dict | None) -> list[str]:
             f"imported ({r['labelled_by_team']['left_unlabelled']} captured test parts stay unlabelled, out of training); "
             f"`kaizen train --continue` makes v{r['version']} of the pack ({r['train']['seconds']} s), which "
             "is published and activated like any pack.", "",
-            "| parts at the stations | v1 % | v2 % |", "|---|---|---|",
+            f"| parts at the stations | v1 % | v{r['version']} % |", "|---|---|---|",
             f"| drifted (held back: never labelled, never trained on) | {r['drifted']['v1']:.1f} | {r['drifted']['v2']:.1f} |",
             f"| original `{r['task']}` test set | {r['original']['v1']:.1f} | {r['original']['v2']:.1f} |",
             f"| {r['original_more']['parts']} more original `{r['task']}` parts | {r['original_more']['v1']:.1f} | "

@@ -10,7 +10,7 @@
 4. send every test part to the stations' inference endpoints and check their answers against
    the trainer's own evaluation; train the `lora_ft` and `individual` baselines for comparison;
 5. plant operations (trainer/demo/operations.py) and the improvement loop (trainer/demo/improve.py:
-   drifted parts captured at the stations, labelled, `train --continue`, v2 out, before/after);
+   drifted parts captured at the stations, labelled, `train --continue`, next version out, before/after);
 6. write reports/demo/report.md with its PNGs, and stop every process (also on Ctrl-C).
 A second run reuses the base, bundle, keys, runs and packs in --work.
 """
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         improve = improvement_loop(fleet, delivery, run, tasks, shared, log, seed=a.seed, n_line=a.line_parts,
                                    n_test=a.n_test)
-        stage("improvement loop (drift, capture, upload, label, train --continue, v2 out)", t0)
+        stage("improvement loop (drift, capture, upload, label, train --continue, next version out)", t0)
     t0 = time.perf_counter()
     baselines = {m: run_method(m, base, work, a, shared) for m in filter(None, a.baselines.split(","))}
     stage("baselines", t0)
