@@ -99,14 +99,15 @@ def _export_decoder(model, shapes: dict, out: Path, targets, dtype, threshold: i
     past_t = [torch.randn(b, kv, p, head_dim, dtype=dtype) for _ in range(2 * n_layers)]
     lora_t = [(torch.randn(*shape) * 0.01).to(dtype) for shape in shapes.values()]
     args = (torch.randn(b, s, text.hidden_size, dtype=dtype), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).repeat(b, 1), past_t, lora_t)
+            torch.arange(p, p + s).repeat(b, 1), past_t, lora_t, torch.tensor(1, dtype=torch.long))
     names_in = ["inputs_embeds", "attention_mask", "position_ids"]
     names_in += [f"past.{i}.{kv_}" for i in range(n_layers) for kv_ in ("key", "value")] + list(shapes)
+    names_in += ["logits_to_keep"]  # int64 scalar, optional: default 0 = logits for every position
     names_out = ["logits"] + [f"present.{i}.{kv_}" for i in range(n_layers) for kv_ in ("key", "value")]
     dyn = {"inputs_embeds": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
            "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past}] * (2 * n_layers),
-           "lora": [None] * len(shapes)}
-    export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn, zero_defaults=shapes,
+           "lora": [None] * len(shapes), "logits_to_keep": None}
+    export_graph(dec, args, out / "decoder.onnx", names_in, names_out, dyn, zero_defaults={**shapes, "logits_to_keep": ()},
                  zero_dtype=np.float16 if dtype == torch.float16 else np.float32, threshold=threshold)
 
 

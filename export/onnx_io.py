@@ -64,7 +64,8 @@ def save_onnx(model: onnx.ModelProto, path: Path, threshold: int | None = None) 
 
 
 def _add_zero_defaults(model: ir.Model, shapes: dict[str, tuple[int, ...]], dtype) -> None:
-    """Give graph inputs `shapes` a zero initializer (same value): they become optional inputs."""
+    """Give graph inputs `shapes` a zero initializer (same value): they become optional inputs.
+    Float inputs get `dtype`; an integer input (decoder.onnx's logits_to_keep) its own type."""
     inputs = {v.name: v for v in model.graph.inputs}
     missing = sorted(set(shapes) - set(inputs))
     if missing:
@@ -72,7 +73,8 @@ def _add_zero_defaults(model: ir.Model, shapes: dict[str, tuple[int, ...]], dtyp
                           "add_lora_slots disagree on the target names")
     for name, shape in shapes.items():
         value = inputs[name]
-        value.const_value = ir.Tensor(np.zeros(shape, dtype), name=name)
+        own = value.dtype.numpy() if value.dtype is not None and value.dtype.is_integer() else dtype
+        value.const_value = ir.Tensor(np.zeros(shape, own), name=name)
         model.graph.register_initializer(value)
 
 

@@ -1,8 +1,10 @@
 """Parity check of an exported bundle against torch on fixed inputs; fails loudly.
 
 Checks, with and without a soft prompt + LoRA: max |diff| of prefill logits (ORT engine vs
-transformers) within the precision's tolerance, the share of positions whose argmax agrees (int4:
-a floor), and greedy tokens equal to transformers `generate` (fp32/fp16; int8/int4: reported).
+transformers) within the precision's tolerance, over every position (logits_to_keep not fed) and
+for the last position alone as the engine asks for it (logits_to_keep=1: must be [B, 1, V]), the
+share of positions whose argmax agrees (int4: a floor), and greedy tokens equal to transformers
+`generate` (fp32/fp16; int8/int4: reported).
 Runs automatically at the end of every `kaizen base export`.
 """
 
@@ -49,13 +51,20 @@ def compare(base: Base, engine: Engine, images, prompt=None, lora=None) -> dict:
     ref_logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)).logits
     e_emb, e_mask, e_pos = engine.build_inputs(images, INSTRUCTIONS, prompt)
     ort_logits, _ = engine._run(e_emb, e_mask, e_pos, engine._empty_past(len(images)), engine.lora_feeds(lora))
+    ort_last, _ = engine._run(e_emb, e_mask, e_pos, engine._empty_past(len(images)), engine.lora_feeds(lora), keep=1)
+    if engine.keeps_logits and ort_last.shape[1] != 1:
+        raise BundleError(f"parity check failed for {engine.bundle.path}: decoder.onnx fed logits_to_keep=1 "
+                          f"returned logits {list(ort_last.shape)}, not [B, 1, V]: re-export the base")
     valid = mask.bool().numpy()
     diff = float(np.abs(ort_logits[valid] - ref_logits.numpy()[valid]).max())
+    # Left-padded: the last position is valid in every row. An old bundle ignores keep (all positions).
+    last_diff = float(np.abs(ort_last[:, -1] - ref_logits.numpy()[:, -1]).max())
     argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref_logits.numpy()[valid].argmax(-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
-    return {"max_abs_diff_logits": diff, "argmax_agreement": argmax,
+    return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
+            "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 

@@ -76,7 +76,12 @@ class VisionWrapper(nn.Module):
 
 
 class DecoderWrapper(nn.Module):
-    """(inputs_embeds, attention_mask, position_ids, past[2L], lora[2 per slot]) -> (logits, present[2L])."""
+    """(inputs_embeds, attention_mask, position_ids, past[2L], lora[2 per slot], logits_to_keep)
+    -> (logits, present[2L]).
+
+    `logits_to_keep` (int64 scalar, HF's meaning): the lm_head runs on the last N positions only, so
+    logits is [B, N, V]; 0 (the exported default) or N >= S keeps every position. The KV cache
+    (present) always covers every position."""
 
     def __init__(self, llava, targets):
         super().__init__()
@@ -85,7 +90,7 @@ class DecoderWrapper(nn.Module):
         self.targets = tuple(targets)
         self.slots = lora_slots(self.lm, self.targets)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past, lora):
+    def forward(self, inputs_embeds, attention_mask, position_ids, past, lora, logits_to_keep=None):
         from transformers import DynamicCache
 
         for k, slot in enumerate(self.slots):
@@ -100,7 +105,14 @@ class DecoderWrapper(nn.Module):
             present += [layer.keys, layer.values]
         for slot in self.slots:
             slot.A = slot.B = None
-        return (self.head(out.last_hidden_state), *present)
+        hidden = out.last_hidden_state
+        if logits_to_keep is not None:
+            # A data-dependent slice: exported as ONNX Slice(starts=-N) (-0 = 0: every position;
+            # a start before the first position clamps to it), not specialised to the example N.
+            keep = logits_to_keep.clamp(min=0).item()
+            torch._check(keep >= 0)
+            hidden = hidden[:, -keep:]
+        return (self.head(hidden), *present)
 
 
 class ClipImageWrapper(nn.Module):

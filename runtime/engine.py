@@ -7,6 +7,10 @@ generation with the KV cache, and constrained scoring over a closed answer set.
     [s] = eng.score_answers([image_bytes], ["Is the seal torn?"], ["yes", "no"], prompt=P, lora=L)
 
 One prompt/LoRA set per call: a batch is one pack (the Station groups requests by pack).
+
+The decoder's lm_head runs only where logits are read: decoder.onnx's optional `logits_to_keep`
+input is fed 1 for prefills and decode steps. Bundles exported before that input existed lack it;
+the engine sees that once (`keeps_logits`) and feeds nothing (full logits, as before).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .bundle import Bundle
 from .errors import InputError, PackError
 from .preprocess import preprocess_batch
 from .prompting import MAX_INSTRUCTION_TOKENS, answer_ids, clip_text_ids, prompt_ids
+
+KEEP_INPUT = "logits_to_keep"  # decoder.onnx's optional int64 input: logits for the last N positions
 
 
 @dataclass
@@ -71,6 +77,10 @@ class Engine:
         self.decoder = bundle.session("decoder.onnx")
         self.vision = bundle.session("vision.onnx")
         self.float = np.float16 if self.decoder.get_inputs()[0].type == "tensor(float16)" else np.float32
+        # An input with a default is an overridable initializer (ORT's get_inputs() omits it);
+        # bundles exported before logits_to_keep existed have neither.
+        dec_inputs = self.decoder.get_inputs() + self.decoder.get_overridable_initializers()
+        self.keeps_logits = KEEP_INPUT in {i.name for i in dec_inputs}
 
     # --- encoders ------------------------------------------------------------------------------
     def image_features(self, images) -> np.ndarray:
@@ -163,8 +173,13 @@ class Engine:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.float)
         return {f"past.{i}.{kv}": z for i in range(self.n_layers) for kv in ("key", "value")}
 
-    def _run(self, embeds, mask, pos, past, lora_feeds):
+    def _run(self, embeds, mask, pos, past, lora_feeds, keep: int | None = None):
+        """One decoder run -> (logits [B, K, V] float32, present). `keep`: logits for the last `keep`
+        positions only (None or 0: every position). A bundle without the input returns every
+        position whatever `keep` says: callers index from the end ([:, -1]), which reads the same."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past, **lora_feeds}
+        if keep is not None and self.keeps_logits:
+            feeds[KEEP_INPUT] = np.array(keep, dtype=np.int64)
         out = self.decoder.run(None, feeds)
         present = {f"past.{i}.{kv}": out[1 + 2 * i + j] for i in range(self.n_layers)
                    for j, kv in enumerate(("key", "value"))}
@@ -176,7 +191,7 @@ class Engine:
         embeds, mask, pos = self.build_inputs(images, instructions, prompt, image_feats)
         feeds_lora = self.lora_feeds(lora)
         batch = len(embeds)
-        logits, past = self._run(embeds, mask, pos, self._empty_past(batch), feeds_lora)
+        logits, past = self._run(embeds, mask, pos, self._empty_past(batch), feeds_lora, keep=1)
         last = logits[:, -1]
         tokens = [[] for _ in range(batch)]
         logp = np.zeros(batch)
@@ -194,7 +209,7 @@ class Engine:
                 break
             emb = self.embed[nxt][:, None, :].astype(self.float)
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, past = self._run(emb, mask, next_pos[:, None], past, feeds_lora)
+            logits, past = self._run(emb, mask, next_pos[:, None], past, feeds_lora, keep=1)
             last = logits[:, -1]
             next_pos = next_pos + 1
         return [Generation(self.decode(t), t, float(np.exp(logp[b]))) for b, t in enumerate(tokens)]
@@ -221,13 +236,15 @@ class Engine:
         results = []
         for b in range(len(images)):
             embeds, mask, pos = self.build_inputs([images[b]], [instructions[b]], prompt, feats[b:b + 1])
-            logits, past = self._run(embeds, mask, pos, self._empty_past(1), feeds_lora)
+            logits, past = self._run(embeds, mask, pos, self._empty_past(1), feeds_lora, keep=1)
             first = _softmax_log(logits[0, -1])
-            rep = {k: np.repeat(v, n, axis=0) for k, v in past.items()}
-            full_mask = np.concatenate([np.repeat(mask, n, axis=0), amask], axis=1)
-            apos = pos[:, -1:] + 1 + np.arange(width)[None, :]
-            lg, _ = self._run(cand_embeds, full_mask, np.repeat(apos, n, axis=0), rep, feeds_lora)
-            lp = _softmax_log(lg)
+            if width > 1:  # candidate tokens 0..width-2 predict tokens 1..width-1; the last is never fed
+                rep = {k: np.repeat(v, n, axis=0) for k, v in past.items()}
+                full_mask = np.concatenate([np.repeat(mask, n, axis=0), amask[:, : width - 1]], axis=1)
+                apos = pos[:, -1:] + 1 + np.arange(width - 1)[None, :]
+                lg, _ = self._run(cand_embeds[:, : width - 1], full_mask, np.repeat(apos, n, axis=0), rep,
+                                  feeds_lora, keep=width - 1)
+                lp = _softmax_log(lg)
             totals = np.array([first[c[0]] + sum(lp[k, j - 1, c[j]] for j in range(1, len(c)))
                                for k, c in enumerate(cand)])
             probs = np.exp(totals - totals.max())

@@ -17,7 +17,7 @@ from kaizen.export.quantize import int4_candidates, quantize_weights_int4
 from kaizen.export.reference import random_lora
 from kaizen.runtime.bundle import Bundle
 from kaizen.runtime.engine import Engine
-from kaizen.runtime.errors import BundleError
+from kaizen.runtime.errors import BundleError, PackError
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 from kaizen.runtime.pack import build_pack
 from kaizen.runtime.pack_arrays import GoldenSample
@@ -113,6 +113,48 @@ def test_station_answers_from_an_int4_bundle(int4_bundle, tmp_path):
     want = eng.score_answers([img], [instruction], ANSWERS, prompt, lora)[0]
     assert r["outcome"] == "answered" and r["task_id"] == "seal" and r["answer"] == want.answer
     assert st.bundle.meta["precision"] == "int4"
+
+
+def _pack_with_golden(bundle, path, signer, flipped: int):
+    """A pack whose 4 golden answers are what `bundle` answers, `flipped` of them changed."""
+    eng = Engine(Bundle.open(bundle))
+    rng = np.random.default_rng(2)
+    instruction = "Is the seal torn?"
+    lora = {n: (rng.standard_normal((4, s[1]) if n.endswith(".A") else (s[0], 4)) * 0.3).astype(np.float32)
+            for n, s in eng.lora_shapes.items()}
+    prompt = (rng.standard_normal((4, eng.embed.shape[1])) * 0.5).astype(np.float32)
+    pngs = [tiny_png(40 + k) for k in range(4)]
+    answers = [r.answer for r in eng.score_answers(pngs, [instruction] * 4, ANSWERS, prompt, lora)]
+    answers = [next(a for a in ANSWERS if a != x) if k < flipped else x for k, x in enumerate(answers)]
+    key = eng.clip_image([fixed_images(64, n=1, seed=5)[0]])[0] + eng.clip_text([instruction])[0]
+    build_pack(path, task_id="seal", version=1, method="kaizen", base_fingerprint=eng.bundle.fingerprint,
+               prompt=prompt, key=(key / np.linalg.norm(key)).astype(np.float32),
+               text_emb=eng.clip_text([instruction]), lora=lora, instructions=[instruction], answers=ANSWERS,
+               golden=[GoldenSample(p, instruction, a) for p, a in zip(pngs, answers)], metrics={"accuracy": 100.0},
+               signing_key=signer, lora_rank=4)
+
+
+@pytest.mark.parametrize("precision, flipped, installs", [
+    ("int4", 1, True), ("int4", 2, False), ("fp32", 1, False), ("fp32", 0, True)])
+def test_golden_probe_tolerates_one_flip_in_four_on_int4_only(tiny_llama, int4_bundle, tmp_path,
+                                                             precision, flipped, installs):
+    """int4 changes ~7 % of answers (README): one of a pack's 4 golden answers may differ there;
+    two may not, and an fp32 bundle allows none."""
+    bundle = int4_bundle if precision == "int4" else tiny_llama[1]
+    signer = generate_signing_key()
+    _pack_with_golden(bundle, tmp_path / "seal.kpk", signer, flipped)
+    st = Station(bundle, tmp_path / "store", TrustedKeys([signer.public_key()]), threshold=0.0)
+    try:
+        if installs:
+            st.install(tmp_path / "seal.kpk")
+            assert st.installed() == [{"task_id": "seal", "version": 1}]
+        else:
+            with pytest.raises(PackError, match=rf"golden probe failed .* {flipped} of 4 wrong .*{precision} bundle "
+                                                rf"allows {1 if precision == 'int4' else 0}"):
+                st.install(tmp_path / "seal.kpk")
+            assert st.installed() == []
+    finally:
+        st.close()
 
 
 def _toy(path, shared: bool):
