@@ -1,6 +1,7 @@
 """Export a frozen base (LLaVA + CLIP query encoder) to an ONNX base bundle, once per base.
 
     kaizen base export bases/tiny-llama --out bundles/tiny-llama [--precision fp32|fp16|int8|int4]
+        [--lora-targets q_proj,k_proj,v_proj,o_proj]   # default: the base's own LoRA targets
 
 Writes vision.onnx, embed.npy, decoder.onnx (KV cache + every LoRA A/B as an optional input with
 a zero default), clip_image.onnx, clip_text.onnx, tokenizers, preprocess.json and base.json (sha256
@@ -29,10 +30,10 @@ from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, bundle_files
 from kaizen.runtime.durable import sha256_file
 
 from .loading import Base, Clip, TextQuery, base_fingerprint, load_base, load_query
+from .lora_targets import base_lora_targets, parse_targets
 from .onnx_io import export_graph, external_data_files
 from .wrappers import (
     ATTN_TARGETS,
-    DEFAULT_TARGETS,
     ClipImageWrapper,
     ClipTextWrapper,
     DecoderWrapper,
@@ -175,9 +176,12 @@ def write_meta(base: Base, clip, out: Path, rank: int, targets, shapes: dict, pr
 
 
 def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: int = 8,
-                  targets=DEFAULT_TARGETS, check: bool = True, log=print,
+                  targets=None, check: bool = True, log=print,
                   external_data_threshold: int | None = None) -> dict:
     """Export `base_dir` (+ CLIP at `clip_dir`, default base_dir/clip) to bundle folder `out`.
+
+    `targets`: the LM Linears that get LoRA inputs; None = the base's own (kaizen_base.json
+    "lora.targets", all 7 for a base without it). base.json records them ("lora.targets").
 
     `external_data_threshold`: initializer bytes above which a graph's weights go to
     `<graph>.onnx.data` (default: just under the 2 GiB protobuf limit; 0 forces it, for tests)."""
@@ -186,6 +190,8 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     torch.set_num_threads(min(2, torch.get_num_threads()))
     base = load_base(base_dir)
     clip = load_query(base, clip_dir)  # a CLIP, or the base's unaligned text encoder
+    where = f"{base.path}/kaizen_base.json"
+    targets = base_lora_targets(base.info, where) if targets is None else parse_targets(targets, "LoRA targets")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -221,7 +227,10 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="bundle folder to write")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-targets", default=None,
+                    help="comma list among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+                         "(default: the base's own, kaizen_base.json lora.targets; all 7 for older bases)")
     ap.add_argument("--no-check", action="store_true", help="skip the parity check (not recommended)")
     a = ap.parse_args(argv)
-    export_bundle(a.base, a.out, a.clip, a.precision, a.lora_rank, check=not a.no_check)
+    export_bundle(a.base, a.out, a.clip, a.precision, a.lora_rank, targets=a.lora_targets, check=not a.no_check)
     return 0

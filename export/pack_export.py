@@ -9,7 +9,9 @@ Reads what the trainer left in RUN/tasks/<i>_<TASK>/: pack.safetensors (prompt, 
 pack_meta.json (instructions, answer set, golden samples, metrics, base fingerprint). The text
 queries of the instructions are computed with the bundle's own text tower (clip_text.onnx or
 text_query.onnx), so they are exactly what the station would compute. Bundles with unaligned
-query encoders get schema 2 packs (one key per modality). The run's base must be the bundle's base.
+query encoders get schema 2 packs (one key per modality). The run's base must be the bundle's base,
+and the run's LoRA targets must be among the bundle's (base.json lora.targets): a pack carries the
+arrays of the targets it was trained on only; the decoder's other LoRA inputs default to zero.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kaizen.runtime.engine import Engine
 from kaizen.runtime.errors import ConfigError, PackError
 from kaizen.runtime.keys import load_signing_key
 from kaizen.runtime.pack import build_pack
-from kaizen.runtime.pack_arrays import GoldenSample
+from kaizen.runtime.pack_arrays import GoldenSample, check_lora_fits
 
 PACK_META = "pack_meta.json"
 
@@ -61,6 +63,10 @@ def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int | No
         raise ConfigError(f"{task_dir}/pack.safetensors has no prompt/key: method {meta['method']} is not selectable")
     engine = engine or Engine(bundle)
     lora = {k: v for k, v in arrays.items() if k.startswith("lora.")}
+    try:
+        check_lora_fits(lora, bundle.lora_shapes())
+    except ValueError as err:
+        raise PackError(f"cannot export {task_dir} for bundle {bundle.path}: {err}") from None
     golden = [GoldenSample((task_dir / g["image"]).read_bytes(), g["instruction"], g["answer"])
               for g in meta.get("golden", [])]
     rank = max((v.shape[0] for k, v in lora.items() if k.endswith(".A")), default=0)

@@ -5,6 +5,7 @@ into a PackError that also names the pack file.
 
     data = npy_bytes(prompt); prompt = load_npy("prompt.npy", data)
     check_arrays(manifest, prompt, key, text_emb, lora)
+    check_lora_fits(lora, bundle.lora_shapes())   # the pack's LoRA targets exist in the bundle
 """
 
 from __future__ import annotations
@@ -156,6 +157,29 @@ def check_lora(lora: dict[str, np.ndarray], rank: int) -> None:
         partner = name[:-1] + ("B" if is_a else "A")
         if partner not in lora:
             raise ValueError(f"adapter.npz[{name}]: its pair {partner} is missing")
+
+
+def lora_targets_of(names) -> list[str]:
+    """The targets named by LoRA array/input names `lora.<i>.<target>.A|B`, in first-seen order."""
+    out: list[str] = []
+    for name in names:
+        match = LORA_NAME_RE.match(name)
+        if match and match.group(2) not in out:
+            out.append(match.group(2))
+    return out
+
+
+def check_lora_fits(lora, decoder_inputs) -> None:
+    """Every LoRA array of a pack names an input of the bundle's decoder (`decoder_inputs`: the
+    bundle's base.json lora.shapes); ValueError naming the targets it does not have. Fewer
+    targets than the bundle is fine: a decoder LoRA input left out defaults to zero."""
+    extra = sorted(n for n in lora if n not in decoder_inputs)
+    if extra:
+        missing = lora_targets_of(extra)
+        raise ValueError(f"adapter.npz: LoRA target(s) {missing} ({len(extra)} arrays, e.g. {extra[0]}) have no "
+                         f"input in this bundle's decoder, whose LoRA targets are "
+                         f"{lora_targets_of(decoder_inputs)}: train with those targets "
+                         "(--option lora_targets=...) or export the bundle with --lora-targets including them")
 
 
 def load_answers(data: bytes) -> list[str]:

@@ -4,7 +4,8 @@
     base = load_base("bases/tiny-llama"); clip = load_clip("bases/tiny-llama/clip")
 
 A base folder is a Hugging Face `LlavaForConditionalGeneration` checkpoint plus an optional
-`kaizen_base.json` (prompt template, preprocessing, preset). The CLIP query encoder is a separate
+`kaizen_base.json` (prompt template, preprocessing, preset, LoRA targets: "lora": {"targets": [...]},
+from the preset; a base without it has all 7, see kaizen.export.lora_targets). The CLIP query encoder is a separate
 `CLIPModel` folder (`DIR/clip` for built-in bases). Everything loads with local_files_only=True.
 """
 
@@ -85,7 +86,7 @@ def init_base(preset_name: str, out: str | Path, seed: int = 0, corpus: list[str
     tk.save_hf_tokenizer(tok, out / "clip", model_max_length=CLIP_MAX_LEN)
     info = {"preset": preset.to_dict(), "seed": seed, "prompt_template": DEFAULT_TEMPLATE,
             "preprocess": PreprocessConfig(size=preset.image_size, **TINY_MEAN_STD).to_dict(),
-            "pretrained": False}
+            "pretrained": False, "lora": {"targets": list(preset.lora_targets)}}
     (out / "kaizen_base.json").write_text(json.dumps(info, indent=2))
     (out / "clip" / "kaizen_clip.json").write_text(json.dumps(
         {"preprocess": PreprocessConfig(size=preset.clip_image_size, **TINY_MEAN_STD).to_dict(),

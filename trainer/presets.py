@@ -6,11 +6,18 @@ Llama or Qwen2 language model; CLIPModel for the query encoder), made from a see
 only. `medium` (~640M parameters, 2.6 GB in fp32; its decoder graph alone is 2.5 GB) is past the
 2 GiB protobuf limit, so its export exercises external data (tests/test_external_data.py, slow;
 bench/export_memory.py).
+
+Each preset declares its LoRA targets (`lora_targets`): `kaizen base init` / `assemble` record
+them in kaizen_base.json, `kaizen base export` builds the decoder's LoRA inputs for them and the
+trainer trains them by default. The tiny bases keep all 7; `small` and `medium` take the
+attention projections only (their packs stay under 1 % of the base bundle).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from kaizen.export.lora_targets import ALL_TARGETS, ATTENTION_TARGETS, parse_targets
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,10 @@ class BasePreset:
     clip_image_size: int
     vocab_size: int = 1024  # BPE vocabulary trained on the generic corpus (special tokens included)
     pretrained: bool = True  # False: random weights, say so wherever figures are reported
+    lora_targets: tuple[str, ...] = ALL_TARGETS  # the LM Linears that carry LoRA (kaizen_base.json "lora")
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets, f"preset {self.name} lora_targets"))
         if self.text_arch not in ("llama", "qwen2"):
             raise ValueError(f"text_arch must be llama or qwen2, got {self.text_arch!r}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
@@ -60,11 +69,11 @@ PRESETS: dict[str, BasePreset] = {
     "small": BasePreset(name="small", text_arch="llama", hidden=512, layers=8, heads=8, kv_heads=4,
                         intermediate=1408, vision_hidden=384, vision_layers=6, vision_heads=6,
                         image_size=224, patch=16, clip_hidden=256, clip_layers=4, clip_dim=256,
-                        clip_image_size=224, vocab_size=8192, pretrained=False),
+                        clip_image_size=224, vocab_size=8192, pretrained=False, lora_targets=ATTENTION_TARGETS),
     "medium": BasePreset(name="medium", text_arch="llama", hidden=1536, layers=24, heads=12, kv_heads=4,
                          intermediate=4096, vision_hidden=384, vision_layers=6, vision_heads=6,
                          image_size=224, patch=16, clip_hidden=256, clip_layers=4, clip_dim=256,
-                         clip_image_size=224, vocab_size=8192, pretrained=False),
+                         clip_image_size=224, vocab_size=8192, pretrained=False, lora_targets=ATTENTION_TARGETS),
 }
 
 
@@ -91,8 +100,10 @@ class RealPreset:
     cls_token: bool = True  # the tower's CLS row is an image token too (LLaVA strategy "full")
     vision: str = "dinov2-s14"
     text: str = "all-minilm-l6-v2"
+    lora_targets: tuple[str, ...] = ALL_TARGETS
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets, f"preset {self.name} lora_targets"))
         if self.lm not in ("tiny", "smollm2-135m"):
             raise ValueError(f"preset {self.name}: lm must be tiny or smollm2-135m, got {self.lm!r}")
         if self.image_size % 14:

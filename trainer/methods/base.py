@@ -17,13 +17,13 @@ without selection) declares a closed answer set, score the candidates; else deco
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from kaizen.export.wrappers import DEFAULT_TARGETS
+from kaizen.export.lora_targets import base_lora_targets, check_within, parse_targets
 from kaizen.runtime.errors import ConfigError
 
 from . import lm
@@ -39,17 +39,15 @@ class MethodConfig:
     alpha: float = 0.5
     lora_rank: int = 8
     lora_scale: float = 2.0  # alpha / r, folded into B when a pack is written
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_targets: tuple[str, ...] | None = None  # None: the base's own (kaizen_base.json lora.targets)
     prompt_lr_mult: float = 10.0  # prompts and keys learn at lr * this
     replay_size: int = 60  # reservoir capacity (samples, all tasks together)
     olora_lambda: float = 0.5
     max_new_tokens: int = 8
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
-        bad = [t for t in self.lora_targets if t not in DEFAULT_TARGETS]
-        if bad or not self.lora_targets:
-            raise ConfigError(f"lora_targets {list(self.lora_targets)}: choose among {list(DEFAULT_TARGETS)}")
+        if self.lora_targets is not None:
+            self.lora_targets = parse_targets(self.lora_targets, "method option lora_targets")
         for name in ("prompt_tokens", "top_k", "lora_rank", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"method option {name} must be >= 1, got {getattr(self, name)}")
@@ -60,8 +58,20 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
+        d["lora_targets"] = None if self.lora_targets is None else list(self.lora_targets)
         return d
+
+    def for_base(self, base) -> MethodConfig:
+        """This config with lora_targets resolved against `base` (a loaded Base): None becomes the
+        base's targets; explicit ones must be among them (ConfigError naming the others)."""
+        where = f"{base.path}/kaizen_base.json"
+        available = base_lora_targets(base.info, where)
+        if self.lora_targets is None:
+            return replace(self, lora_targets=available)
+        check_within(self.lora_targets, available, "method option lora_targets", f"base {base.path}",
+                     f"leave lora_targets out to train the base's own (or add the targets to {where} "
+                     "\"lora.targets\" and export the bundle again)")
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
@@ -108,6 +118,7 @@ class Method(nn.Module):
 
     def __init__(self, ctx: Context, cfg: MethodConfig):
         super().__init__()
+        cfg = cfg.for_base(ctx.base) if self.uses_lora else cfg
         self.ctx, self.cfg = ctx, cfg
         self.seen: list[int] = []  # task indices begun, in order
         self.current = -1
