@@ -6,7 +6,9 @@ generation with the KV cache, and constrained scoring over a closed answer set.
     g.text, g.confidence
     [s] = eng.score_answers([image_bytes], ["Is the seal torn?"], ["yes", "no"], prompt=P, lora=L)
 
-One prompt/LoRA set per call: a batch is one pack (the Station groups requests by pack).
+One prompt/LoRA set per call: a batch is one pack (the Station groups requests by pack). `lora` is
+a dict of numpy arrays (validated and padded per call) or a DeviceLora (runtime/lora_device.py:
+made once per pack on the decoder's device, what the Station passes; no per-call copy on a GPU).
 
 The decoder's lm_head runs only where logits are read: decoder.onnx's optional `logits_to_keep`
 input is fed 1 for prefills and decode steps. Bundles exported before that input existed lack it;
@@ -21,6 +23,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import InputError, PackError
+from .lora_device import DeviceLora
 from .preprocess import preprocess_batch
 from .prompting import MAX_INSTRUCTION_TOKENS, answer_ids, clip_text_ids, prompt_ids
 
@@ -123,8 +126,11 @@ class Engine:
         return np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
 
     # --- inputs --------------------------------------------------------------------------------
-    def lora_feeds(self, lora: dict | None) -> dict[str, np.ndarray]:
-        """Validate a pack's LoRA arrays against the bundle and zero-pad a smaller rank."""
+    def lora_feeds(self, lora) -> dict:
+        """Validate a pack's LoRA arrays against the bundle and zero-pad a smaller rank; a DeviceLora
+        (runtime/lora_device.py: made once per pack, already on the decoder's device) is fed as is."""
+        if isinstance(lora, DeviceLora):
+            return lora.feeds  # type: ignore[return-value]
         if not lora:
             return {}
         feeds = {}

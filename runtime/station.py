@@ -6,9 +6,10 @@
 
 Selection is ModalPrompt's: CLIP image + instruction embeddings scored against every installed
 pack's key (runtime/selection.py); the top-k packs' prompts are concatenated best first, the
-top-1 pack's LoRA and closed answer set are used. Below `threshold` the station answers
-"no task matches" instead of guessing. Requests read one immutable snapshot of the installed
-set, so an install or rollback never changes a request in flight.
+top-1 pack's LoRA (made once per pack on the decoder's device: runtime/lora_device.py) and closed
+answer set are used. Below `threshold` the station answers "no task matches" instead of
+guessing. Requests read one immutable snapshot of the installed set, so an install or rollback
+never changes a request in flight.
 
 Every result carries a `part_id`; the last parts are kept (runtime/capture_policy.py) so that
 `st.feedback("torn", part_id=...)` records an operator's correction without resending the image.
@@ -35,6 +36,7 @@ from .durable import atomic_write_bytes
 from .engine import Engine
 from .errors import InputError, PackError
 from .keys import TrustedKeys
+from .lora_device import LoraCache
 from .preprocess import MAX_PIXELS, load_rgb
 from .prompting import MAX_INSTRUCTION_TOKENS, check_instruction, check_instruction_tokens
 from .selection import ALPHA, normalise, scores, top_k
@@ -48,6 +50,7 @@ class _Snapshot:
     packs: tuple  # LoadedPack, sorted by task id
     keys: np.ndarray  # [T, d_img + d_txt]: each pack's image key then its text key
     known_text: dict = field(default_factory=dict)  # instruction -> text query embedding from packs
+    lora: tuple = ()  # DeviceLora per pack (runtime/lora_device.py): made once per pack, fed as is
 
 
 def key_for_bundle(key: np.ndarray, query_dims: list[int], bundle_dims: tuple[int, int], aligned: bool) -> np.ndarray:
@@ -66,7 +69,7 @@ def key_for_bundle(key: np.ndarray, query_dims: list[int], bundle_dims: tuple[in
     return np.concatenate([key, key])
 
 
-def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
+def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool, lora_for=None) -> _Snapshot:
     packs = tuple(active[t] for t in sorted(active))
     keys = (np.stack([key_for_bundle(p.key, p.manifest.query_dims, bundle_dims, aligned) for p in packs])
             if packs else np.zeros((0, sum(bundle_dims)), np.float32))
@@ -74,7 +77,7 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool) -> _Snapshot:
     for p in packs:
         for instr, emb in zip(p.manifest.instructions, p.text_emb):
             known.setdefault(instr.strip(), np.asarray(emb, np.float32))
-    return _Snapshot(packs, keys, known)
+    return _Snapshot(packs, keys, known, lora_for(packs) if lora_for is not None else ())
 
 
 class Station:
@@ -95,6 +98,7 @@ class Station:
         self._lock = threading.Lock()
         self._rolled_back_file = Path(store_root) / "rolled_back.json"
         self._rolled_back = self._read_rolled_back()
+        self.lora_cache = LoraCache(self.engine)   # each pack's LoRA on the decoder's device, once
         self._snap = self._snapshot()
         self.started_at = time.time()
         self.metrics = None   # a StationMetrics (runtime/station_metrics.py): installs, rollbacks, rejections
@@ -105,13 +109,14 @@ class Station:
     # --- pack management -------------------------------------------------------------------------
     def install(self, kpk_path):
         with self._lock:
+            probed: dict = {}   # (task, version) -> the golden probe's DeviceLora, which serving reuses
             try:
-                manifest = self.store.install(kpk_path, probe=self._probe)
+                manifest = self.store.install(kpk_path, probe=lambda contents: self._probe(contents, probed))
             except PackError as err:
                 if self.metrics is not None:
                     self.metrics.pack_rejected(err)
                 raise
-            self._snap = self._snapshot()
+            self._snap = self._snapshot(probed)
         if self.metrics is not None:
             self.metrics.pack_installed(manifest)
         return manifest
@@ -155,8 +160,9 @@ class Station:
                             "(it lists pack versions rolled back on this station)") from err
         return {str(k): [int(v) for v in vs] for k, vs in data.items()}
 
-    def _snapshot(self) -> _Snapshot:
-        return _snapshot(self.store.active(), self.engine.query_dims, self.engine.aligned)
+    def _snapshot(self, probed: dict | None = None) -> _Snapshot:
+        return _snapshot(self.store.active(), self.engine.query_dims, self.engine.aligned,
+                         lambda packs: self.lora_cache.for_packs(packs, probed))
 
     @property
     def base_fingerprint(self) -> str:
@@ -165,14 +171,16 @@ class Station:
     def installed(self) -> list[dict]:
         return [{"task_id": p.manifest.task_id, "version": p.manifest.version} for p in self._snap.packs]
 
-    def _probe(self, contents) -> None:
+    def _probe(self, contents, probed: dict | None = None) -> None:
         """Refuse rolled-back versions; warm up and check golden samples before a pack goes live."""
         m = contents.manifest
         key_for_bundle(contents.key, m.query_dims, self.engine.query_dims, self.engine.aligned)
         if m.version in self._rolled_back.get(m.task_id, []):
             raise PackError(f"{m.task_id} v{m.version} was rolled back on this station; publish a newer "
                             "version to move the task forward")
-        lora = dict(contents.lora)
+        lora = self.lora_cache.make(contents.lora)
+        if probed is not None:
+            probed[(m.task_id, m.version)] = lora
         samples = list(contents.golden)
         if not samples:
             warm = np.zeros((self.engine.vision_pre.size,) * 2 + (3,), np.uint8)
@@ -273,7 +281,7 @@ class Station:
             packs = [snap.packs[i] for i in chosen]
             prompt = np.concatenate([p.prompt for p in packs], axis=0)
             top = packs[0]
-            got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, dict(top.lora),
+            got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, snap.lora[chosen[0]],
                                top.answers, None if feats is None else feats[rows])
             for b, (answer, conf) in zip(rows, got):
                 results[b] = {"outcome": "answered", "answer": answer, "task_id": top.manifest.task_id,
