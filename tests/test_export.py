@@ -53,6 +53,22 @@ def test_engine_tokens_equal_transformers(exported, adapted):
     assert r["ref_tokens"] == r["ort_tokens"]
 
 
+
+def test_parity_with_lora_leaves_the_base_model_as_it_was(tiny_llama):
+    """The parity check injects peft LoRA into the base model in place (no weight copy: memory on
+    big bases) and must take it out again: same modules, same weights, same plain logits."""
+    base = load_base(tiny_llama[0])
+    eng = Engine(Bundle.open(tiny_llama[1]))
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    images = fixed_images(base.preprocess.size, seed=4)
+    plain = compare(base, eng, images)
+    adapted = compare(base, eng, images, None, random_lora(eng.lora_shapes, seed=4, scale=0.2))
+    assert adapted["max_abs_diff_logits"] < 1e-3 and adapted["ref_tokens"] == adapted["ort_tokens"]
+    after = base.model.state_dict()
+    assert after.keys() == before.keys() and not any("lora" in k for k in after)
+    assert all(np.array_equal(after[k].numpy(), before[k].numpy()) for k in before)
+    assert compare(base, eng, images)["ref_tokens"] == plain["ref_tokens"]
+
 def test_lora_changes_the_output(tiny_llama):
     """A LoRA fed as inputs must actually reach the decoder (zero default vs real weights)."""
     eng = Engine(Bundle.open(tiny_llama[1]))
