@@ -188,3 +188,22 @@ def test_holdout_is_deterministic_and_independent_of_record_order():
     assert len(held_a) == 5 and {i for i, _ in held_a} == {i for i, _ in held_b}
     assert {i for i, _ in split_holdout(items, 0.25, seed=1)[1]} != {i for i, _ in held_a}
     assert len(split_holdout(items[:2], 0.1, seed=0)[1]) == 1  # at least one held back, one trained
+
+
+def test_top_k_1_run_trains_prompt_and_lora_by_default_and_leaves_other_tasks_alone(tiny_llama, shared, data,
+                                                                                     tmp_path):
+    """With top_k 1 a part is answered by its selected pack alone, so the default --train adds T's
+    prompt (measured better on drift, README); other tasks' answers stay bit-identical."""
+    run1 = tmp_path / "run-k1"
+    train(TrainConfig(base=str(tiny_llama[0]), out=str(run1), n_train=8, n_test=4, max_tasks=3, epochs=1,
+                      batch_size=4, options={"top_k": 1}), shared=shared)
+    report = continue_run(ContinueConfig(run=str(run1), add=str(data), task=TASK, out=str(tmp_path / "v2"),
+                                         epochs=2), shared=shared)
+    assert report["train"]["trained"] == ["prompt", "lora"]
+    old = load_file(str(run1 / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    new = load_file(str(tmp_path / "v2" / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    np.testing.assert_array_equal(old["key"], new["key"])
+    assert not np.array_equal(old["prompt"], new["prompt"])
+    assert report["others_unchanged"] and report["before"]["others"] == report["after"]["others"]
+    assert json.loads((tmp_path / "v2" / "tasks" / "0_seal_defect" / "pack_meta.json").read_text())[
+        "metrics"]["fusion_top_k"] == 1
