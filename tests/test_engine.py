@@ -168,3 +168,12 @@ def test_large_images_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own guard: 2x this raises
     with pytest.raises(InputError, match="decompression bomb"):
         load_rgb(png_header_only(100, 100), max_pixels=10**9)
+
+
+def test_embedding_table_is_memory_mapped_read_only(tiny_llama):
+    """A station keeps the token table on disk and reads only the rows it embeds (49k x 576 fp32 =
+    113 MB on real-small): a read-only memory map, not a copy in RSS; answers are unchanged."""
+    eng = Engine(Bundle.open(tiny_llama[1]))
+    assert isinstance(eng.embed, np.memmap) and not eng.embed.flags.writeable
+    np.testing.assert_array_equal(np.asarray(eng.embed), np.load(tiny_llama[1] / "embed.npy"))
+    assert eng.generate(fixed_images(64, n=1), ["Is it damaged?"], max_new_tokens=2)[0].token_ids
