@@ -1,7 +1,8 @@
 """Benchmark: the ONNX Runtime engine vs the reference way (transformers + peft, eager torch).
 
     .venv/bin/python bench/engine.py [--presets tiny-llama,small,real-fast,real-small] [--parts 40]
-        [--threads 2] [--paths torch,ort] [--work cache/bench]   # --paths ort: the engine alone
+        [--threads 2] [--paths torch,ort] [--work cache/bench] [--precision fp32|fp16|int8|int4]
+        # --paths ort: the engine alone; --precision: the engine's bundle (torch runs the fp32 base)
 
 Same base, same pack-like adapter (10-token soft prompt + rank-8 LoRA), same parts (image +
 instruction -> short greedy answer, 4 new tokens). Each path runs in its own fresh process so
@@ -96,12 +97,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best available
 
 
-def ensure_base(preset: str, work: Path) -> tuple[Path, Path]:
+def ensure_base(preset: str, work: Path, precision: str = "fp32") -> tuple[Path, Path]:
     """A built-in preset (random init) or a real one (assembled from packaged parts, not aligned:
     the figures are speed and memory, which alignment does not change)."""
     from kaizen.trainer.presets import REAL_PRESETS
 
-    base, bundle = work / preset / "base", work / preset / "bundle"
+    base = work / preset / "base"
+    bundle = work / preset / ("bundle" if precision == "fp32" else f"bundle-{precision}")
     if not (bundle / "base.json").exists():
         from kaizen.export.base_export import export_bundle
 
@@ -114,7 +116,7 @@ def ensure_base(preset: str, work: Path) -> tuple[Path, Path]:
                 from kaizen.trainer.bases import init_base
 
                 init_base(preset, base, seed=0)
-        export_bundle(base, bundle)
+        export_bundle(base, bundle, precision=precision)
     return base, bundle
 
 
@@ -132,6 +134,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paths", default="torch,ort", help="which paths to run: torch, ort or both")
     ap.add_argument("--work", default=str(ROOT / "cache" / "bench"))
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                    help="the engine's bundle (torch always runs the fp32 base)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "bench"))
     ap.add_argument("--child")
     ap.add_argument("--base")
@@ -145,8 +149,8 @@ def main() -> None:
         ap.error(f"--paths {a.paths!r}: give torch, ort or torch,ort")
     rows = []
     for preset in a.presets.split(","):
-        base, bundle = ensure_base(preset, Path(a.work))
-        row = {"preset": preset, **{p: child(p, base, bundle, a.parts, a.threads) for p in paths}}
+        base, bundle = ensure_base(preset, Path(a.work), a.precision)
+        row = {"preset": preset, "precision": a.precision, **{p: child(p, base, bundle, a.parts, a.threads) for p in paths}}
         if len(paths) == 2:
             torch_r, ort_r = row["torch"], row["ort"]
             row.update(speedup_p50=torch_r["p50_ms"] / ort_r["p50_ms"],
@@ -158,7 +162,7 @@ def main() -> None:
         for p in paths:
             x = r[p]
             name = "transformers+peft" if p == "torch" else (
-                "kaizen engine (ORT)" + ("" if x["logits_to_keep"] else ", full prefill logits"))
+                f"kaizen engine (ORT, {r['precision']})" + ("" if x["logits_to_keep"] else ", full prefill logits"))
             print(f"| {r['preset']} | {name} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['tokens_per_s']:.0f} | "
                   f"{x['import_s']:.2f} | {x['peak_rss_mb']:.0f} |")
     for r in (r for r in rows if "speedup_p50" in r):
