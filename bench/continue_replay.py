@@ -5,8 +5,10 @@ agreement and improvement-loop checks).
     .venv/bin/python bench/continue_replay.py --run WORK/runs/kaizen --add WORK/improve/labelled/data.json \
         --variants '[{"replay": 1}, {"replay": 2}, {"replay": 2, "seed": 1}, {"replay": 2, "lr": 0.001}]'
 
-For each variant (keys: replay, lr, seed, epochs, train = "lora" or e.g. "prompt,lora"): restore RUN's method, train the task's LoRA as `kaizen train --continue` does
-(old data x replay + the added parts minus the 25 % held back, fused as at the stations), then
+For each variant (keys: replay, lr, seed, epochs, train = "lora" or e.g. "prompt,lora"; absent:
+as `kaizen train --continue` defaults): restore RUN's method, train the task as `kaizen train
+--continue` does (old data x replay + the added parts minus the 25 % held back, fused as at the
+stations), then
 accuracy on the task's own test set, the held-back added parts, 200 fresh drifted parts and 200
 fresh original parts (the demo's improvement-loop sets: drift seed 100, original seed 200).
 Prints one markdown row per variant (v1 first). WORK is a `kaizen demo --work` folder after a run.
@@ -21,7 +23,7 @@ import time
 import torch
 
 from kaizen.trainer import continue_run as cr
-from kaizen.trainer.data.added import read_added, rebuild_tasks, split_holdout, with_train
+from kaizen.trainer.data.added import read_added, rebuild_tasks, split_holdout, with_replay
 from kaizen.trainer.data.drift import drifted_task
 from kaizen.trainer.data.synthetic import make_task
 from kaizen.trainer.data.types import Task
@@ -46,10 +48,9 @@ def measure(run: str, add: str, task: str, drift: str, variant: dict) -> dict:
     epochs = variant.get("epochs", session.cfg.epochs)
     if epochs:
         replay = variant.get("replay") or cr.replay_factor(len(tasks[t].train), len(train_items))
-        old, new = list(tasks[t].train), [s for _, s in train_items]
-        tasks[t] = with_train(tasks[t], new)  # as continue_run: a new Task, so its features are computed anew
-        tasks[t].train = old * replay + new
-        parts = tuple(variant.get("train", "lora").split(","))  # as --train: lora, prompt, key
+        tasks[t] = with_replay(tasks[t], [s for _, s in train_items], replay)
+        train = variant.get("train")  # as --train: e.g. "lora" or "prompt,lora"; absent = its default
+        parts = tuple(train.split(",")) if train else cr.default_parts(method)
         groups = cr.reopen(method, t, parts, variant.get("lr", session.cfg.lr))
         cr.fit(method, session.features, tasks, t, groups, epochs, session.cfg.batch_size, variant.get("seed", 0),
                cr.continue_loss)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from kaizen.runtime.errors import ConfigError
 
-# The same names as export/wrappers.py DEFAULT_TARGETS / ATTN_TARGETS (a test keeps them equal),
-# spelled out here so that presets and configs read them without importing torch.
+# The target names, here (no torch) so that presets and configs read them; export/wrappers.py
+# re-exports them as DEFAULT_TARGETS / ATTN_TARGETS.
 ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_TARGETS: tuple[str, ...] = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
 

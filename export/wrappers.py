@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = ATTN_TARGETS + MLP_TARGETS
+from .lora_targets import ALL_TARGETS as DEFAULT_TARGETS  # noqa: F401  (the names live there, torch-free)
+from .lora_targets import ATTENTION_TARGETS as ATTN_TARGETS
 
 
 class LoraSlot(nn.Module):

@@ -51,6 +51,17 @@ class _Snapshot:
     keys: np.ndarray  # [T, d_img + d_txt]: each pack's image key then its text key
     known_text: dict = field(default_factory=dict)  # instruction -> text query embedding from packs
     lora: tuple = ()  # DeviceLora per pack (runtime/lora_device.py): made once per pack, fed as is
+    fusion: tuple = ()  # per pack: packs fused when it is the best match (pack_fusion_k)
+
+
+DEFAULT_TOP_K = 3   # packs fused for a pack that does not say (written before fusion_top_k existed)
+
+
+def pack_fusion_k(pack) -> int:
+    """Packs the trainer fused when `pack` was the best match: manifest metrics `fusion_top_k`
+    (an int 1..64), else DEFAULT_TOP_K."""
+    own = pack.manifest.metrics.get("fusion_top_k")
+    return own if isinstance(own, int) and not isinstance(own, bool) and 1 <= own <= 64 else DEFAULT_TOP_K
 
 
 def key_for_bundle(key: np.ndarray, query_dims: list[int], bundle_dims: tuple[int, int], aligned: bool) -> np.ndarray:
@@ -77,7 +88,8 @@ def _snapshot(active, bundle_dims: tuple[int, int], aligned: bool, lora_for=None
     for p in packs:
         for instr, emb in zip(p.manifest.instructions, p.text_emb):
             known.setdefault(instr.strip(), np.asarray(emb, np.float32))
-    return _Snapshot(packs, keys, known, lora_for(packs) if lora_for is not None else ())
+    return _Snapshot(packs, keys, known, lora_for(packs) if lora_for is not None else (),
+                     tuple(pack_fusion_k(p) for p in packs))
 
 
 class Station:
@@ -222,15 +234,10 @@ class Station:
         own = pack.manifest.metrics.get("selection_threshold") if self.calibrated else None
         return max(self.threshold, float(own)) if isinstance(own, (int, float)) else self.threshold
 
-    DEFAULT_TOP_K = 3   # packs fused for a pack that does not say (written before fusion_top_k existed)
-
-    def _k(self, pack) -> int:
-        """Packs fused when `pack` is selected: the station's top_k when set, else the k the pack
-        was trained with (manifest metrics `fusion_top_k`), so stations fuse as the trainer did."""
-        if self.top_k:
-            return self.top_k
-        own = pack.manifest.metrics.get("fusion_top_k")
-        return own if isinstance(own, int) and not isinstance(own, bool) and 1 <= own <= 64 else self.DEFAULT_TOP_K
+    def _k(self, snap: _Snapshot, i: int) -> int:
+        """Packs fused when pack i of `snap` is selected: the station's top_k when set, else the k
+        that pack was trained with (derived once per snapshot), so stations fuse as the trainer did."""
+        return self.top_k or snap.fusion[i]
 
     def infer(self, image, instruction: str, task: str | None = None) -> dict:
         return self.infer_batch([image], [instruction], [task])[0]
@@ -259,7 +266,7 @@ class Station:
         t1 = time.perf_counter()
         q_img, feats = self.engine.image_queries(rgb)
         s = scores(q_img, self._text_queries(snap, instructions), snap.keys, self.alpha)
-        order = top_k(s, max(self._k(p) for p in snap.packs))
+        order = top_k(s, self.top_k or max(snap.fusion))
         t2 = time.perf_counter()
         names = [p.manifest.task_id for p in snap.packs]
         groups: dict[tuple, list[int]] = {}
@@ -275,7 +282,7 @@ class Station:
                 results[b] = self._no_match(self._scores(names, s[b]), f"best score {s[b, chosen[0]]:.3f} is below "
                                             f"the threshold {floor:.3f}")
                 continue
-            chosen = chosen[: self._k(snap.packs[chosen[0]])]
+            chosen = chosen[: self._k(snap, chosen[0])]
             groups.setdefault(tuple(chosen), []).append(b)
         for chosen, rows in groups.items():
             packs = [snap.packs[i] for i in chosen]

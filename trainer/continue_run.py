@@ -53,7 +53,7 @@ from kaizen.runtime.errors import ConfigError
 from kaizen.runtime.manifest import TASK_ID_RE
 
 from . import checkpoint as ck
-from .data.added import read_added, rebuild_tasks, split_holdout, with_train
+from .data.added import read_added, rebuild_tasks, split_holdout, with_replay
 from .data.types import DataError, Task, normalize_answer
 from .methods.modalprompt import _unit, torch_scores, torch_split_keys, torch_top_k
 from .metrics import accuracy
@@ -261,9 +261,7 @@ def continue_run(cc: ContinueConfig, shared=None) -> dict:
         t = ids.index(name)
         before = snapshot(method, session.features, tasks, t, probe)
         replay = cc.replay or replay_factor(len(tasks[t].train), len(train_items))
-        old = list(tasks[t].train)
-        tasks[t] = with_train(tasks[t], [s for _, s in train_items])
-        tasks[t].train = old * replay + [s for _, s in train_items]
+        tasks[t] = with_replay(tasks[t], [s for _, s in train_items], replay)
         groups = reopen(method, t, cc.parts, lr)
     else:
         t = len(tasks)

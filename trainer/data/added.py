@@ -90,6 +90,15 @@ def rebuild_tasks(session) -> list[Task]:
     return tasks
 
 
+def with_replay(task: Task, added: list[Sample], replay: int) -> Task:
+    """T for a continue run: the added samples registered (a new Task, so its features are computed
+    anew) and trained on as T's old train data repeated `replay` times + the added ones."""
+    old = list(task.train)
+    out = with_train(task, added)
+    out.train = old * replay + list(added)
+    return out
+
+
 def with_train(task: Task, more: list[Sample]) -> Task:
     return Task(task.task_id, task.train + more, task.test, answers=task.answers, metric=task.metric,
                 train_instructions=unique_in_order(task.train_instructions + [s.instruction for s in more]),
