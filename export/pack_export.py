@@ -5,7 +5,7 @@
 The version defaults to the run's: 1 for a `kaizen train` run, N+1 for the task a
 `kaizen train --continue` run improved (its pack_meta.json says which).
 
-Reads what the trainer left in RUN/tasks/<i>_<TASK>/: pack.safetensors (prompt, key, lora.*) and
+Reads what the trainer left in RUN/tasks/<i>_<TASK>/: pack.safetensors (prompt, key, lora.*, prompt_net.*) and
 pack_meta.json (instructions, answer set, golden samples, metrics, base fingerprint). The text
 queries of the instructions are computed with the bundle's own text tower (clip_text.onnx or
 text_query.onnx), so they are exactly what the station would compute. Bundles with unaligned
@@ -63,6 +63,7 @@ def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int | No
         raise ConfigError(f"{task_dir}/pack.safetensors has no prompt/key: method {meta['method']} is not selectable")
     engine = engine or Engine(bundle)
     lora = {k: v for k, v in arrays.items() if k.startswith("lora.")}
+    net = {k.split(".", 1)[1]: v.astype(np.float32) for k, v in arrays.items() if k.startswith("prompt_net.")}
     try:
         check_lora_fits(lora, bundle.lora_shapes())
     except ValueError as err:
@@ -79,7 +80,7 @@ def export_pack(task_dir, out, *, bundle: Bundle, signing_key, version: int | No
                       key=key, text_emb=engine.text_query(meta["instructions"]), query_dims=dims,
                       lora=lora, instructions=meta["instructions"], answers=meta.get("answers"), golden=golden,
                       metrics=meta.get("metrics", {}), prompt_tokens=int(arrays["prompt"].shape[0]),
-                      lora_rank=int(rank), signing_key=signing_key)
+                      lora_rank=int(rank), signing_key=signing_key, prompt_net=net or None)
 
 
 def cli_main(argv: list[str]) -> int:

@@ -6,7 +6,9 @@ generation with the KV cache, and constrained scoring over a closed answer set.
     g.text, g.confidence
     [s] = eng.score_answers([image_bytes], ["Is the seal torn?"], ["yes", "no"], prompt=P, lora=L)
 
-One prompt/LoRA set per call: a batch is one pack (the Station groups requests by pack). `lora` is
+One prompt/LoRA set per call: a batch is one pack (the Station groups requests by pack). `prompt`
+is [R, d] for every request, or [B, R, d], one per request (image-conditioned prompts,
+runtime/prompt_net.py). `lora` is
 a dict of numpy arrays (validated and padded per call) or a DeviceLora (runtime/lora_device.py:
 made once per pack on the decoder's device, what the Station passes; no per-call copy on a GPU).
 
@@ -47,6 +49,11 @@ class Scored:
 def _softmax_log(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _prompt_row(prompt, b: int):
+    """Request b's soft prompt: the shared [R, d] one, or row b of per-request prompts [B, R, d]."""
+    return prompt[b] if prompt is not None and np.ndim(prompt) == 3 else prompt
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
@@ -153,17 +160,21 @@ class Engine:
         return feeds
 
     def build_inputs(self, images, instructions, prompt=None, image_feats=None):
-        """Left-padded (inputs_embeds, attention_mask, position_ids) for a batch; one soft prompt for all."""
+        """Left-padded (inputs_embeds, attention_mask, position_ids) for a batch; `prompt` [R, d] for
+        all requests or [B, R, d], one per request."""
         if len(images) != len(instructions) or not images:
             raise InputError(f"need one instruction per image, got {len(images)} images, {len(instructions)} texts")
+        if prompt is not None and np.ndim(prompt) == 3 and len(prompt) != len(images):
+            raise InputError(f"need one prompt per image, got {len(prompt)} prompts for {len(images)} images")
         feats = self.image_features(images) if image_feats is None else image_feats
         rows = []
         for b, text in enumerate(instructions):
             ids = prompt_ids(self.tok, self.spec, text, self.max_instruction_tokens)
             emb = self.embed[ids].astype(np.float32)
             emb[ids == self.spec.image_token_id] = feats[b].astype(np.float32)
-            if prompt is not None and len(prompt):
-                emb = np.concatenate([emb[:1], np.asarray(prompt, np.float32), emb[1:]], axis=0)
+            p = _prompt_row(prompt, b)
+            if p is not None and len(p):
+                emb = np.concatenate([emb[:1], np.asarray(p, np.float32), emb[1:]], axis=0)
             rows.append(emb)
         length = max(len(r) for r in rows)
         d = rows[0].shape[1]
@@ -241,7 +252,8 @@ class Engine:
         cand_embeds = self.embed[ids].astype(self.float)  # the same for every image
         results = []
         for b in range(len(images)):
-            embeds, mask, pos = self.build_inputs([images[b]], [instructions[b]], prompt, feats[b:b + 1])
+            embeds, mask, pos = self.build_inputs([images[b]], [instructions[b]], _prompt_row(prompt, b),
+                                                  feats[b:b + 1])
             logits, past = self._run(embeds, mask, pos, self._empty_past(1), feeds_lora, keep=1)
             first = _softmax_log(logits[0, -1])
             if width > 1:  # candidate tokens 0..width-2 predict tokens 1..width-1; the last is never fed

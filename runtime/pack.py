@@ -1,7 +1,8 @@
 """Task packs (.kpk): build a signed pack, read and verify one. The format is runtime/TASKPACK.md.
 
 A pack is an uncompressed tar of manifest.json, manifest.sig (Ed25519 over the exact manifest
-bytes), prompt.npy, key.npy, text_emb.npy, adapter.npz, and optionally answers.json and golden/.
+bytes), prompt.npy, key.npy, text_emb.npy, adapter.npz, and optionally answers.json, golden/ and
+prompt_net.npz (the image-conditioned prompt's meta-net, runtime/prompt_net.py).
 Reading never extracts: members are checked and read into memory, then the signature, hashes,
 base, runtime version and arrays are verified; any problem is a PackError "pack FILE refused: ...".
 
@@ -42,6 +43,8 @@ from .pack_arrays import (
     npz_bytes,
 )
 from .pack_read import check_signature, read_signed_members
+from .prompt_net import MEMBER as PROMPT_NET
+from .prompt_net import check_prompt_net
 from .tarsafe import DEFAULT_LIMITS, TarLimits, check_name, read_members, refuse, write_tar_atomic
 
 __all__ = [
@@ -65,7 +68,7 @@ __all__ = [
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FILES = ("prompt.npy", "key.npy", "text_emb.npy", "adapter.npz")
-OPTIONAL_FILES = ("answers.json", "golden/golden.json")
+OPTIONAL_FILES = ("answers.json", "golden/golden.json", PROMPT_NET)
 GOLDEN_IMAGE_RE = re.compile(r"^golden/[A-Za-z0-9_-]{1,64}\.png$")
 SIGNATURE_BYTES = 64
 
@@ -81,6 +84,7 @@ class PackContents:
     lora: dict[str, np.ndarray]
     answers: list[str] | None = None
     golden: list[GoldenSample] = field(default_factory=list)
+    prompt_net: dict[str, np.ndarray] | None = None  # {"W1", "W2"}: runtime/prompt_net.py
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -91,12 +95,14 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
                answers: list[str] | None = None, golden: tuple[GoldenSample, ...] | list = (),
                metrics: dict[str, Any] | None = None, prompt_tokens: int | None = None,
                lora_rank: int | None = None, min_runtime_version: str = RUNTIME_VERSION,
-               created_at: str | None = None, query_dims: list[int] | None = None) -> Manifest:
+               created_at: str | None = None, query_dims: list[int] | None = None,
+               prompt_net: Mapping[str, np.ndarray] | None = None) -> Manifest:
     """Validate the arrays, write a signed pack atomically to out_path, return its manifest.
 
     prompt_tokens and lora_rank default to what the arrays say; passing them checks the arrays.
     `query_dims` [d_img, d_txt] writes schema 2 (key = image key and text key side by side, for
     unaligned query encoders); without it, schema 1 (one key shared by both queries).
+    `prompt_net` {"W1", "W2"}: the image-conditioned prompt's meta-net (runtime/prompt_net.py).
     """
     lora = dict(lora)
     fields_ = {
@@ -112,17 +118,22 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
     try:
         draft = Manifest(**fields_, sha256={"prompt.npy": "0" * 64}, signing_key_id="0" * 16)
         check_arrays(draft, prompt, key, text_emb, lora)
-        files = pack_members(prompt, key, text_emb, lora, answers, golden)
+        if prompt_net is not None:
+            prompt_net = dict(prompt_net)
+            check_prompt_net(prompt_net, *_net_dims(draft, prompt, key))
+        files = pack_members(prompt, key, text_emb, lora, answers, golden, prompt_net)
     except ValueError as err:
         raise PackError(f"cannot write pack {out_path}: {err}") from None
     return write_signed_pack(out_path, fields_, files, signing_key)
 
 
 def pack_members(prompt: np.ndarray, key: np.ndarray, text_emb: np.ndarray, lora: Mapping[str, np.ndarray],
-                 answers: list[str] | None = None, golden=()) -> dict[str, bytes]:
+                 answers: list[str] | None = None, golden=(), prompt_net=None) -> dict[str, bytes]:
     """The data members of a pack (everything except manifest.json and manifest.sig)."""
     files = {"prompt.npy": npy_bytes(prompt), "key.npy": npy_bytes(key),
              "text_emb.npy": npy_bytes(text_emb), "adapter.npz": npz_bytes(dict(lora))}
+    if prompt_net is not None:
+        files[PROMPT_NET] = npz_bytes(dict(prompt_net))
     if answers is not None:
         load_answers(answers_bytes(answers))  # same rules as the reader
         files["answers.json"] = answers_bytes(answers)
@@ -294,6 +305,10 @@ def _decode(source, members: dict[str, bytes], manifest: Manifest, limits: TarLi
         text_emb = load_npy("text_emb.npy", members["text_emb.npy"])
         lora = load_npz("adapter.npz", members["adapter.npz"], limits.max_member_bytes)
         check_arrays(manifest, prompt, key, text_emb, lora)
+        net = None
+        if PROMPT_NET in members:
+            net = load_npz(PROMPT_NET, members[PROMPT_NET], limits.max_member_bytes)
+            check_prompt_net(net, *_net_dims(manifest, prompt, key))
     except ValueError as err:
         raise refuse(source, f"bad array {err}") from None
     try:
@@ -301,7 +316,14 @@ def _decode(source, members: dict[str, bytes], manifest: Manifest, limits: TarLi
         golden = load_golden(members)
     except ValueError as err:
         raise refuse(source, f"bad member {err}") from None
-    return PackContents(manifest, prompt, key, text_emb, lora, answers, golden)
+    return PackContents(manifest, prompt, key, text_emb, lora, answers, golden, net)
+
+
+def _net_dims(manifest: Manifest, prompt: np.ndarray, key: np.ndarray) -> tuple[int, int, int]:
+    """(prompt_tokens, d_model, d_img) a prompt net must fit: d_img is the image query's width (the
+    image half of a schema-2 key, the whole shared key of schema 1)."""
+    dims = list(manifest.query_dims)
+    return manifest.prompt_tokens, int(prompt.shape[1]), int(dims[0] if dims else key.shape[0])
 
 
 def _shape0(array: Any) -> Any:

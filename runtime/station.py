@@ -5,7 +5,8 @@
     st.infer(png_bytes, "Is the seal torn?")  # -> dict(answer, task_id, pack_version, scores, ...)
 
 Selection is ModalPrompt's: CLIP image + instruction embeddings scored against every installed
-pack's key (runtime/selection.py); the top-k packs' prompts are concatenated best first, the
+pack's key (runtime/selection.py); the top-k packs' prompts (each shifted by the part's image
+query when its pack carries a prompt net: runtime/prompt_net.py) are concatenated best first, the
 top-1 pack's LoRA (made once per pack on the decoder's device: runtime/lora_device.py) and closed
 answer set are used. Below `threshold` the station answers "no task matches" instead of
 guessing. Requests read one immutable snapshot of the installed set, so an install or rollback
@@ -38,6 +39,7 @@ from .errors import InputError, PackError
 from .keys import TrustedKeys
 from .lora_device import LoraCache
 from .preprocess import MAX_PIXELS, load_rgb
+from .prompt_net import conditioned
 from .prompting import MAX_INSTRUCTION_TOKENS, check_instruction, check_instruction_tokens
 from .selection import ALPHA, normalise, scores, top_k
 from .store import PackStore
@@ -55,6 +57,14 @@ class _Snapshot:
 
 
 DEFAULT_TOP_K = 3   # packs fused for a pack that does not say (written before fusion_top_k existed)
+
+
+def fused_prompt(packs, q_img: np.ndarray) -> np.ndarray:
+    """The selected packs' prompts concatenated best first: [R, d] for every part, or [B, R, d] (one
+    per part, q_img [B, d_img]) when a pack conditions its prompt on the image."""
+    if all(p.prompt_net is None for p in packs):
+        return np.concatenate([p.prompt for p in packs], axis=0)
+    return np.concatenate([conditioned(p.prompt, p.prompt_net, q_img) for p in packs], axis=1)
 
 
 def pack_fusion_k(pack) -> int:
@@ -195,11 +205,12 @@ class Station:
             probed[(m.task_id, m.version)] = lora
         samples = list(contents.golden)
         if not samples:
-            warm = np.zeros((self.engine.vision_pre.size,) * 2 + (3,), np.uint8)
-            self._answer([warm], [contents.manifest.instructions[0]], contents.prompt, lora, contents.answers)
+            warm = [np.zeros((self.engine.vision_pre.size,) * 2 + (3,), np.uint8)]
+            self._answer(warm, [m.instructions[0]], self._own_prompt(contents, warm), lora, contents.answers)
             return
         images = [s.image for s in samples]
-        got = self._answer(images, [s.instruction for s in samples], contents.prompt, lora, contents.answers)
+        got = self._answer(images, [s.instruction for s in samples], self._own_prompt(contents, images), lora,
+                           contents.answers)
         wrong = [(s.answer, g[0]) for s, g in zip(samples, got) if g[0].strip().lower() != s.answer.strip().lower()]
         allowed = self.engine.bundle.golden_allowance(len(samples))
         if self.probe_golden and len(wrong) > allowed:
@@ -207,6 +218,12 @@ class Station:
                             f"{len(wrong)} of {len(samples)} wrong (expected/got {wrong[:3]}; this "
                             f"{self.engine.bundle.meta.get('precision', 'fp32')} bundle allows {allowed}); "
                             "the pack does not work on this base, retrain or re-export it")
+
+    def _own_prompt(self, contents, images) -> np.ndarray:
+        """A pack's prompt alone for `images`: [R, d], or [B, R, d] when it is image-conditioned."""
+        if contents.prompt_net is None:
+            return contents.prompt
+        return conditioned(contents.prompt, contents.prompt_net, self.engine.image_queries(images)[0])
 
     # --- inference -------------------------------------------------------------------------------
     def _answer(self, images, instructions, prompt, lora, answers, feats=None):
@@ -286,7 +303,7 @@ class Station:
             groups.setdefault(tuple(chosen), []).append(b)
         for chosen, rows in groups.items():
             packs = [snap.packs[i] for i in chosen]
-            prompt = np.concatenate([p.prompt for p in packs], axis=0)
+            prompt = fused_prompt(packs, q_img[rows])
             top = packs[0]
             got = self._answer([rgb[b] for b in rows], [instructions[b] for b in rows], prompt, snap.lora[chosen[0]],
                                top.answers, None if feats is None else feats[rows])

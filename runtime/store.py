@@ -71,6 +71,7 @@ class LoadedPack:
     lora: Mapping[str, np.ndarray]
     answers: tuple[str, ...] | None
     golden: tuple[GoldenSample, ...]
+    prompt_net: Mapping[str, np.ndarray] | None = None  # image-conditioned prompt (runtime/prompt_net.py)
 
     @classmethod
     def from_contents(cls, contents: PackContents, path: Path) -> LoadedPack:
@@ -85,7 +86,9 @@ class LoadedPack:
                    prompt=frozen(contents.prompt), key=frozen(contents.key), text_emb=frozen(contents.text_emb),
                    lora=MappingProxyType({k: frozen(v) for k, v in contents.lora.items()}),
                    answers=None if contents.answers is None else tuple(contents.answers),
-                   golden=tuple(contents.golden))
+                   golden=tuple(contents.golden),
+                   prompt_net=None if contents.prompt_net is None else
+                   MappingProxyType({k: frozen(v) for k, v in contents.prompt_net.items()}))
 
 
 @dataclass(frozen=True)

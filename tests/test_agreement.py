@@ -1,7 +1,8 @@
 """The Station answers exactly as the trainer: train `kaizen` on a 3-task stream, export every
 task as a signed pack, install them all in a Station (ONNX Runtime, no torch) and compare every
 test sample's answer and selected task with the trainer's own final predictions, on both tiny
-bases and on the real-fast base (DINOv2 vision tower, unaligned query encoders, schema-2 packs).
+bases and on the real-fast base (DINOv2 vision tower, unaligned query encoders, schema-2 packs),
+and with image-conditioned prompts (`prompt_net`, fused over the top 3 packs) on real-fast.
 Also covers `kaizen export pack` and `kaizen infer` from the shell."""
 
 import io
@@ -19,12 +20,13 @@ from kaizen.runtime.station import Station
 from kaizen.trainer.train import Shared, TrainConfig, train
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "real-fast"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "real-fast", "real-fast+prompt_net"])
 def trained(request, tmp_path_factory):
-    base_dir, bundle_dir = request.getfixturevalue(request.param.replace("-", "_"))
+    name, _, variant = request.param.partition("+")
+    base_dir, bundle_dir = request.getfixturevalue(name.replace("-", "_"))
     run = tmp_path_factory.mktemp("agree") / request.param
     cfg = TrainConfig(base=str(base_dir), out=str(run), method="kaizen", n_train=12, n_test=6, max_tasks=3,
-                      epochs=2, batch_size=6, threads=1)
+                      epochs=2, batch_size=6, threads=1, options={"prompt_net": 8} if variant else {})
     shared = Shared(str(base_dir))
     results = train(cfg, shared=shared)
     return run, bundle_dir, results, shared.stream(cfg)

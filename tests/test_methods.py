@@ -65,7 +65,7 @@ def test_every_method_honours_the_contract(env, name):
     shapes = dict(add_lora_slots(load_base(env["dir"]).model.model.language_model, DEFAULT_TARGETS, 8))
     for task in tasks:
         pack = m.state_for_pack(task.task_id)
-        assert set(pack) == {"prompt", "key", "lora"}
+        assert set(pack) == {"prompt", "key", "lora", "prompt_net"} and pack["prompt_net"] is None
         if m.uses_selection:
             assert pack["prompt"].shape == (10, d_model) and pack["prompt"].dtype == np.float32
             assert pack["key"].shape == (d_clip,) and pack["key"].dtype == np.float32
@@ -167,3 +167,20 @@ def test_greedy_decodes_text(env):
     batch = fc.batch(env["tasks"], [(0, 0), (1, 0)], "test")
     out = lm.greedy(base, batch.image, batch.instructions, None, max_new_tokens=3)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+def test_kaizen_with_image_conditioned_prompts(env):
+    cfg = MethodConfig(top_k=2, prompt_net=4)
+    m, losses, snaps = run_method(env, "kaizen", cfg=cfg)
+    d_model = env["base"].model.config.text_config.hidden_size
+    d_clip = env["clip"].model.config.projection_dim
+    assert all(np.isfinite(losses))
+    net = m.state_for_pack(env["tasks"][1].task_id)["prompt_net"]
+    assert net["W1"].shape == (4, d_clip) and net["W2"].shape == (10 * d_model, 4)
+    assert m.param_counts(1)["prompt_net"] == 4 * d_clip + 10 * d_model * 4
+    assert not torch.equal(m.nets[1].W2.detach(), snaps[-1]["nets.1.W2"])  # the last task's net trained
+    assert torch.equal(m.nets[0].W2.detach(), snaps[-1]["nets.0.W2"])  # the earlier one stayed
+    batch = env["features"].batch(env["tasks"], [(1, 0), (1, 1)], "test")
+    route = m.route(batch)
+    assert route.prompts[0].shape == (20, d_model)  # top 2 conditioned prompts, fused
+    assert not torch.equal(route.prompts[0], route.prompts[1])  # each part its own prompt

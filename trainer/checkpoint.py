@@ -43,13 +43,15 @@ def write_json(path: Path, obj) -> None:
 
 
 def pack_tensors(pack: dict) -> dict[str, np.ndarray]:
-    """Flatten state_for_pack's dict: "prompt", "key", "lora.{i}.{target}.{A|B}"."""
+    """Flatten state_for_pack's dict: "prompt", "key", "lora.{i}.{target}.{A|B}", "prompt_net.{W1|W2}"."""
     out = {}
     for name in ("prompt", "key"):
         if pack.get(name) is not None:
             out[name] = np.ascontiguousarray(pack[name], dtype=np.float32)
     for name, arr in (pack.get("lora") or {}).items():
         out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+    for name, arr in (pack.get("prompt_net") or {}).items():
+        out[f"prompt_net.{name}"] = np.ascontiguousarray(arr, dtype=np.float32)
     return out
 
 

@@ -157,6 +157,8 @@ def reopen(method, t: int, parts: tuple[str, ...], lr: float) -> list[dict]:
         raise ConfigError(f"method {method.name} has no per-task LoRA; train prompt and/or key")
     method.current = t
     fast = [p for name, p in (("prompt", method.prompts[t]), ("key", method.keys[t])) if name in parts]
+    if "prompt" in parts and len(method.nets):  # an image-conditioned prompt trains with its meta-net
+        fast += list(method.nets[t].parameters())
     groups = [{"params": fast, "lr": lr * method.cfg.prompt_lr_mult}] if fast else []
     if "lora" in parts:
         groups.append({"params": list(method.adapters[t].parameters()), "lr": lr})
@@ -171,13 +173,13 @@ def fused_prompts(method, batch, t: int) -> list[torch.Tensor]:
     part that selects t (first training only saw earlier tasks' prompts; the continue run knows
     every task's key, so it trains in the fusion the stations actually run)."""
     extra = min(method.cfg.top_k, len(method.keys)) - 1
+    own = method.prompt_for(t, batch.clip_img)
     if extra == 0:
-        return [method.prompts[t]] * len(batch)
+        return list(own)
     keys = torch.stack(list(method.keys)).detach()
     scores = torch_scores(batch.clip_img, batch.clip_txt, keys, method.cfg.alpha)
     scores[:, t] = -float("inf")
-    best = torch_top_k(scores, extra).tolist()
-    return [torch.cat([method.prompts[t]] + [method.prompts[j].detach() for j in row]) for row in best]
+    return method.fused(own, torch_top_k(scores, extra).tolist(), batch.clip_img)
 
 
 def continue_loss(method, batch, t: int) -> torch.Tensor:

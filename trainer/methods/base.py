@@ -8,7 +8,7 @@ base, CLIP and feature cache come in a `Context`. The training loop calls, for e
         loss = method.training_step(batch); loss.backward(); optimizer.step()
     method.end_task(t, task)
     pred = method.predict(batch)                        # answers (+ selected task for selection methods)
-    method.state_for_pack(task_id)                      # {"prompt", "key", "lora"}: what a pack carries
+    method.state_for_pack(task_id)                      # {"prompt", "key", "lora", "prompt_net"}: a pack
 
 `forward(batch)` is `training_step(batch)`, so DDP/accelerate can wrap a method unchanged.
 Decoding rule (the Station does the same): when the selected task (the true task for methods
@@ -40,7 +40,8 @@ class MethodConfig:
     lora_rank: int = 8
     lora_scale: float = 2.0  # alpha / r, folded into B when a pack is written
     lora_targets: tuple[str, ...] | None = None  # None: the base's own (kaizen_base.json lora.targets)
-    prompt_lr_mult: float = 10.0  # prompts and keys learn at lr * this
+    prompt_lr_mult: float = 10.0  # prompts, keys and prompt nets learn at lr * this
+    prompt_net: int = 0  # hidden width of the image-conditioned prompt's meta-net; 0 = a static prompt
     replay_size: int = 60  # reservoir capacity (samples, all tasks together)
     olora_lambda: float = 0.5
     max_new_tokens: int = 8
@@ -53,6 +54,8 @@ class MethodConfig:
                 raise ConfigError(f"method option {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"method option alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.prompt_net <= 1024:
+            raise ConfigError(f"method option prompt_net (meta-net width) must be in 0..1024, got {self.prompt_net}")
         if self.replay_size < 0 or self.olora_lambda < 0:
             raise ConfigError("method options replay_size and olora_lambda must be >= 0")
 
@@ -157,7 +160,7 @@ class Method(nn.Module):
         return None
 
     def state_for_pack(self, task_id: str) -> dict:
-        return {"prompt": None, "key": None, "lora": None}
+        return {"prompt": None, "key": None, "lora": None, "prompt_net": None}
 
     def param_counts(self, task_index: int) -> dict[str, int]:
         """Parameters trained for this task, by kind (prompt, key, lora)."""
@@ -217,10 +220,11 @@ class Method(nn.Module):
 
 
 def pack_arrays(prompt: torch.Tensor | None, key: torch.Tensor | None, lora: dict | None,
-                split: int | None = None) -> dict:
+                split: int | None = None, prompt_net: dict | None = None) -> dict:
     """state_for_pack's dict with float32 numpy arrays. The key is unit-normalised: as a whole (one
-    shared key), or each side of `split` (image key [:split], text key [split:]) for unaligned queries."""
-    out = {"prompt": None, "key": None, "lora": lora}
+    shared key), or each side of `split` (image key [:split], text key [split:]) for unaligned queries.
+    `prompt_net`: {"W1", "W2"} of an image-conditioned prompt (runtime/prompt_net.py), else None."""
+    out = {"prompt": None, "key": None, "lora": lora, "prompt_net": prompt_net}
     if prompt is not None:
         out["prompt"] = prompt.detach().float().numpy().copy()
     if key is not None:

@@ -12,10 +12,16 @@ CE + (1 - cos(img, k_t)) + (1 - cos(txt, k_t)). Inference: the top-k of all seen
 concatenation best first; the top-1 is the selected task (its answer set decides decoding).
 Every task's prompt trains, the last one included (the reference code's last prompt did not).
 
+With the method option `prompt_net` = h > 0, each task's prompt is image-conditioned (after CoCoOp):
+P_t(q) = P_t + reshape(relu(W1 q) W2^T), q the unit image query, W1 [h, d_img] random, W2 zeros
+(so training starts at the static prompt); W1/W2 travel in the pack (runtime/prompt_net.py).
+
 `torch_scores` / `torch_top_k` are the torch twin of kaizen.runtime.selection (parity test).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -51,6 +57,22 @@ def torch_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(-scores, dim=1, stable=True).indices[:, :k]
 
 
+class PromptNet(nn.Module):
+    """Task prompt conditioned on the image query: the torch twin of runtime/prompt_net.conditioned."""
+
+    def __init__(self, d_img: int, tokens: int, d_model: int, hidden: int, generator: torch.Generator):
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(hidden, d_img, generator=generator) / math.sqrt(d_img))
+        self.W2 = nn.Parameter(torch.zeros(tokens * d_model, hidden))
+
+    def forward(self, prompt: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """prompt [R, d], unit image queries q [B, d_img] -> [B, R, d]."""
+        return prompt + (torch.relu(q @ self.W1.T) @ self.W2.T).view(len(q), *prompt.shape)
+
+    def arrays(self) -> dict:
+        return {"W1": self.W1.detach().float().numpy().copy(), "W2": self.W2.detach().float().numpy().copy()}
+
+
 class ModalPrompt(Method):
     name = "modalprompt"
     uses_selection = True
@@ -62,6 +84,7 @@ class ModalPrompt(Method):
         self.prompts = nn.ParameterList()
         self.keys = nn.ParameterList()
         self.adapters = nn.ModuleList()
+        self.nets = nn.ModuleList()  # PromptNet per task when cfg.prompt_net > 0
 
     def begin_task(self, task_index: int, task) -> None:
         super().begin_task(task_index, task)
@@ -70,6 +93,10 @@ class ModalPrompt(Method):
         rows = torch.randint(0, table.shape[0], (self.cfg.prompt_tokens,), generator=self.generator(task_index))
         self.prompts.append(nn.Parameter(table[rows].detach().clone().float()))
         self.keys.append(nn.Parameter(self._prototype(task)))
+        if self.cfg.prompt_net:
+            d_img = self.ctx.features.query_dims[0]
+            self.nets.append(PromptNet(d_img, self.cfg.prompt_tokens, table.shape[1], self.cfg.prompt_net,
+                                       self.generator(task_index, 2)))
         if self.per_task_lora:
             self.adapters.append(self.new_adapter(task_index))
 
@@ -81,13 +108,30 @@ class ModalPrompt(Method):
             return _unit(img + txt).clone()
         return torch.cat([img, txt]).clone()
 
+    def prompt_for(self, j: int, q: torch.Tensor) -> torch.Tensor:
+        """Task j's prompt for unit image queries q [B, d_img] -> [B, R, d] (the same rows for every
+        part unless the method conditions prompts on the image)."""
+        if len(self.nets):
+            return self.nets[j](self.prompts[j], q)
+        return self.prompts[j].unsqueeze(0).expand(len(q), -1, -1)
+
+    def fused(self, own: torch.Tensor, rows: list[list[int]], q: torch.Tensor) -> list[torch.Tensor]:
+        """Per part b: own[b] ([R, d], or None to leave it out) then the prompts of tasks rows[b]
+        (detached), concatenated best first, as a station fuses the selected packs."""
+        out = []
+        for b, row in enumerate(rows):
+            parts = [] if own is None else [own[b]]
+            out.append(torch.cat(parts + [self.prompt_for(j, q[b:b + 1])[0].detach() for j in row]))
+        return out
+
     def _train_prompts(self, batch, t: int) -> list[torch.Tensor]:
         extra = self.cfg.top_k - 1
+        own = self.prompt_for(t, batch.clip_img)
         if t == 0 or extra == 0:
-            return [self.prompts[t]] * len(batch)
+            return list(own)
         keys = torch.stack([self.keys[j] for j in range(t)]).detach()
         best = torch_top_k(torch_scores(batch.clip_img, batch.clip_txt, keys, self.cfg.alpha), extra)
-        return [torch.cat([self.prompts[t]] + [self.prompts[j].detach() for j in row]) for row in best.tolist()]
+        return self.fused(own, best.tolist(), batch.clip_img)
 
     def training_step(self, batch) -> torch.Tensor:
         t = self.current
@@ -101,7 +145,7 @@ class ModalPrompt(Method):
         keys = torch.stack(list(self.keys)).detach()
         scores = torch_scores(batch.clip_img, batch.clip_txt, keys, self.cfg.alpha)
         best = torch_top_k(scores, self.cfg.top_k).tolist()
-        prompts = [torch.cat([self.prompts[j] for j in row]) for row in best]
+        prompts = self.fused(None, best, batch.clip_img)
         selected = [row[0] for row in best]
         adapter = list(selected) if self.per_task_lora else [None] * len(batch)
         return Route(selected, prompts, adapter, scores)
@@ -111,7 +155,8 @@ class ModalPrompt(Method):
 
     def param_groups(self, task_index: int, lr: float) -> list[dict]:
         t = task_index
-        groups = [{"params": [self.prompts[t], self.keys[t]], "lr": lr * self.cfg.prompt_lr_mult}]
+        fast = [self.prompts[t], self.keys[t]] + (list(self.nets[t].parameters()) if len(self.nets) else [])
+        groups = [{"params": fast, "lr": lr * self.cfg.prompt_lr_mult}]
         if self.per_task_lora:
             groups.append({"params": list(self.adapters[t].parameters()), "lr": lr})
         return groups
@@ -122,6 +167,8 @@ class ModalPrompt(Method):
     def param_counts(self, task_index: int) -> dict[str, int]:
         t = task_index
         out = {"prompt": self.prompts[t].numel(), "key": self.keys[t].numel()}
+        if len(self.nets):
+            out["prompt_net"] = count(self.nets[t].parameters())
         if self.per_task_lora:
             out["lora"] = count(self.adapters[t].parameters())
         return out
@@ -130,4 +177,5 @@ class ModalPrompt(Method):
         t = self.task_index_of(task_id)
         lora = self.adapters[t].arrays() if self.per_task_lora else None
         split = None if self.ctx.features.aligned else self.ctx.features.query_dims[0]
-        return pack_arrays(self.prompts[t], self.keys[t], lora, split)
+        net = self.nets[t].arrays() if len(self.nets) else None
+        return pack_arrays(self.prompts[t], self.keys[t], lora, split, net)
