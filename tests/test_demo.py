@@ -26,11 +26,11 @@ def _processes_in(folder: Path) -> list[int]:
     return found
 
 
-def run_demo(work: Path, report: Path, baselines: str) -> subprocess.CompletedProcess:
+def run_demo(work: Path, report: Path, baselines: str, epochs: int = 1) -> subprocess.CompletedProcess:
     """`kaizen demo` in a fresh interpreter on a miniature setting (2 stations, 8 train / 3 test parts)."""
     cmd = [sys.executable, "-m", "kaizen.runtime.cli", "demo", "--work", str(work), "--report", str(report),
            "--stations", "2", "--pretrain-steps", "4", "--clip-steps", "4", "--n-train", "8", "--n-test", "3",
-           "--epochs", "1", "--line-parts", "8", "--baselines", baselines]
+           "--epochs", str(epochs), "--line-parts", "8", "--baselines", baselines]
     env = dict(os.environ, KAIZEN_PROGRESS="0")
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
@@ -73,3 +73,31 @@ def test_demo_second_run_reuses_everything(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reusing the pretrained real-fast base" in second.stdout and "reusing the base bundle" in second.stdout
     assert "reusing the finished kaizen run" in second.stdout
+    # a changed kaizen run (here --epochs) is trained anew: its packs, the fleet that installed the
+    # old ones and the later stages go too, so the stations answer with the new packs
+    third = run_demo(work, report, "", epochs=2)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    assert "the kaizen run is new or changed: removing" in third.stdout and "training kaizen" in third.stdout
+    assert json.loads((report / "report.json").read_text())["parts"]["agreement"] == 100.0
+
+
+def test_a_new_kaizen_run_forgets_what_the_old_one_made(tmp_path):
+    from argparse import Namespace
+
+    from kaizen.trainer.demo.run import DELIVERED, STALE, forget_stale, mark_delivered
+
+    work = tmp_path / "work"
+    (work / "fleet" / "stations").mkdir(parents=True)
+    (work / "packs").mkdir()
+    (work / "packs" / "seal_defect-1.kpk").write_bytes(b"old pack")
+    (work / "operations.json").write_text("{}")
+    (work / "improve.json").write_text("{}")
+    (work / "base-real-fast").mkdir()   # the base and the bundle stay
+    args = Namespace(seed=0, n_train=8, n_test=3, epochs=1, base="real-fast")
+    mark_delivered(work, work / "base-real-fast", args)
+    forget_stale(work, work / "base-real-fast", args)   # the same run delivered them: all kept
+    assert all((work / name).exists() for name in ("fleet", "packs", "operations.json", "improve.json"))
+    args.epochs = 2   # a changed run (also: none delivered yet, or an interrupted one): all removed
+    forget_stale(work, work / "base-real-fast", args)
+    assert not any((work / name).exists() for name in STALE)
+    assert (work / "base-real-fast").is_dir() and not (work / DELIVERED).exists()

@@ -184,3 +184,24 @@ def test_kaizen_with_image_conditioned_prompts(env):
     route = m.route(batch)
     assert route.prompts[0].shape == (20, d_model)  # top 2 conditioned prompts, fused
     assert not torch.equal(route.prompts[0], route.prompts[1])  # each part its own prompt
+
+
+def test_golden_answers_use_the_image_conditioned_prompt(env, monkeypatch):
+    """The golden answers a pack ships are computed as the station computes them: with the pack's
+    prompt conditioned on each golden image (a static prompt made stations refuse good packs)."""
+    from types import SimpleNamespace
+
+    from kaizen.trainer import pack_meta
+
+    m, _, _ = run_method(env, "kaizen", cfg=MethodConfig(top_k=1, prompt_net=4))
+    with torch.no_grad():
+        m.nets[1].W2.copy_(torch.randn(m.nets[1].W2.shape, generator=torch.Generator().manual_seed(0)))
+    seen = []
+    real = lm.score_candidates
+    monkeypatch.setattr(pack_meta.lm, "score_candidates", lambda *a: seen.append(a[3]) or real(*a))
+    refs = [(1, i) for i in range(4)]
+    got = pack_meta.pack_alone_answers(m, SimpleNamespace(features=env["features"], tasks=env["tasks"]), 1, refs)
+    assert len(got) == 4 and all(a in env["tasks"][1].answers for a in got)
+    want = m.prompt_for(1, env["features"].batch(env["tasks"], refs, "test").clip_img)
+    assert len(seen) == 1 and all(torch.equal(p, w) for p, w in zip(seen[0], want))
+    assert not torch.equal(want[0], want[1])  # each golden image its own prompt

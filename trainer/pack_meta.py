@@ -29,9 +29,10 @@ def selectable(method) -> bool:
 
 @torch.no_grad()
 def pack_alone_answers(method, session, t: int, refs) -> list[str]:
-    """Answers of task t's pack on `refs` with only its prompt and LoRA (the Station's probe)."""
+    """Answers of task t's pack on `refs` with only its prompt (image-conditioned when the method
+    has prompt nets) and LoRA (the Station's probe)."""
     batch = session.features.batch(session.tasks, refs, "test")
-    prompts = [method.prompts[t]] * len(refs)
+    prompts = list(method.prompt_for(t, batch.clip_img))
     answers = session.tasks[t].answers
     with activated(method.slots, method.adapters_for(t) if method.per_task_lora else None):
         if answers:

@@ -119,6 +119,34 @@ def run_method(method: str, base: Path, work: Path, a, shared, on_task=None) -> 
     return train(cfg, shared=shared, on_task=on_task)
 
 
+STALE = ("fleet", "packs", "operations.json", "improve.json", "improve")  # made from the kaizen run
+DELIVERED = "delivered.json"  # the config of the kaizen run whose packs WORK/packs and the fleet hold
+
+
+def forget_stale(work: Path, base: Path, a) -> None:
+    """Unless WORK/delivered.json says the packs and the fleet came from a finished kaizen run with
+    this very config, remove them and the later stages: a new, changed or interrupted run must
+    never leave the stations answering with an older run's packs, nor the report mix two runs."""
+    cfg = train_config("kaizen", base, work, a).to_dict()
+    stamp = work / DELIVERED
+    if stamp.exists() and json.loads(stamp.read_text()) == cfg:
+        return
+    for name in STALE:
+        path = work / name
+        if path.exists():
+            log(f"the kaizen run is new or changed: removing {path} of an earlier run")
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    stamp.unlink(missing_ok=True)
+
+
+def mark_delivered(work: Path, base: Path, a) -> None:
+    """Every pack of the finished kaizen run is active on the fleet (see forget_stale)."""
+    (work / DELIVERED).write_text(json.dumps(train_config("kaizen", base, work, a).to_dict(), indent=1))
+
+
 class Delivery:
     """After each trained task: export + sign its pack, publish it, wait for every station."""
 
@@ -222,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = ensure_bundle(base, work)
     stage("base bundle (export + parity, or reuse)", t0)
     shared = Shared(str(base))
+    forget_stale(work, base, a)
     with DemoFleet(work / "fleet", bundle, a.stations, log=log) as fleet:
         t0 = time.perf_counter()
         delivery = Delivery(fleet, bundle, work)
@@ -231,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for t, task_id in enumerate(results["stream"]):  # reused run: deliver what was not delivered
             if task_id not in {d["task_id"] for d in delivery.timeline}:
                 delivery(run, t, task_id)
+        mark_delivered(work, base, a)
         stage("train kaizen + deliver packs", t0)
         t0 = time.perf_counter()
         predictions = json.loads((run / "predictions.json").read_text())
