@@ -51,7 +51,7 @@ def measure(run: str, add: str, task: str, drift: str, variant: dict) -> dict:
         tasks[t] = with_replay(tasks[t], [s for _, s in train_items], replay)
         train = variant.get("train")  # as --train: e.g. "lora" or "prompt,lora"; absent = its default
         parts = tuple(train.split(",")) if train else cr.default_parts(method)
-        groups = cr.reopen(method, t, parts, variant.get("lr", session.cfg.lr))
+        groups = cr.reopen(method, t, parts, variant.get("lr", cr.default_lr(method, session.cfg.lr)))
         cr.fit(method, session.features, tasks, t, groups, epochs, session.cfg.batch_size, variant.get("seed", 0),
                cr.continue_loss)
     drifted = drifted_task(task, drift, seed=100, n_train=1, n_test=200).test

@@ -207,3 +207,24 @@ def test_top_k_1_run_trains_prompt_and_lora_by_default_and_leaves_other_tasks_al
     assert report["others_unchanged"] and report["before"]["others"] == report["after"]["others"]
     assert json.loads((tmp_path / "v2" / "tasks" / "0_seal_defect" / "pack_meta.json").read_text())[
         "metrics"]["fusion_top_k"] == 1
+
+
+def test_continue_of_a_prompt_net_run_retrains_the_meta_net_at_a_third_of_the_lr(tiny_llama, shared, data,
+                                                                                 tmp_path):
+    """A top_k-1 run with image-conditioned prompts: --task trains T's prompt, its meta-net and its
+    LoRA at a third of the run's lr (default_lr, measured in README); key and other tasks unchanged."""
+    run1 = tmp_path / "run-net"
+    train(TrainConfig(base=str(tiny_llama[0]), out=str(run1), n_train=8, n_test=4, max_tasks=3, epochs=1,
+                      batch_size=4, options={"top_k": 1, "prompt_net": 4}), shared=shared)
+    report = continue_run(ContinueConfig(run=str(run1), add=str(data), task=TASK, out=str(tmp_path / "v2"),
+                                         epochs=2), shared=shared)
+    assert report["train"]["trained"] == ["prompt", "lora"] and report["train"]["lr"] == pytest.approx(1e-3)
+    old = load_file(str(run1 / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    new = load_file(str(tmp_path / "v2" / "tasks" / "0_seal_defect" / "pack.safetensors"))
+    np.testing.assert_array_equal(old["key"], new["key"])
+    assert not np.array_equal(old["prompt_net.W2"], new["prompt_net.W2"])
+    assert new["prompt_net.W1"].shape[0] == 4 and new["prompt_net.W2"].shape[1] == 4
+    assert report["others_unchanged"] and report["before"]["others"] == report["after"]["others"]
+    explicit = continue_run(ContinueConfig(run=str(run1), add=str(data), task=TASK, out=str(tmp_path / "v2b"),
+                                           epochs=1, lr=2e-3), shared=shared)
+    assert explicit["train"]["lr"] == pytest.approx(2e-3)
