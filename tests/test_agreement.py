@@ -2,7 +2,8 @@
 task as a signed pack, install them all in a Station (ONNX Runtime, no torch) and compare every
 test sample's answer and selected task with the trainer's own final predictions, on both tiny
 bases and on the real-fast base (DINOv2 vision tower, unaligned query encoders, schema-2 packs),
-and with image-conditioned prompts (`prompt_net`, fused over the top 3 packs) on real-fast.
+with static prompts (one pack per part, the base's top_k) and with image-conditioned prompts
+(`prompt_net`, fused over the top 3 packs) on real-fast; the station fuses as the packs say.
 Also covers `kaizen export pack` and `kaizen infer` from the shell."""
 
 import io
@@ -20,13 +21,19 @@ from kaizen.runtime.station import Station
 from kaizen.trainer.train import Shared, TrainConfig, train
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "real-fast", "real-fast+prompt_net"])
+# Options over the base's own defaults (real-fast declares top_k 1 + prompt_net 16): static prompts
+# one pack per part, and conditioned prompts fused over the top 3 packs.
+VARIANTS = {"tiny-llama": {}, "tiny-qwen2": {}, "real-fast": {"prompt_net": 0},
+            "real-fast+prompt_net": {"prompt_net": 8, "top_k": 3}}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def trained(request, tmp_path_factory):
-    name, _, variant = request.param.partition("+")
+    name = request.param.partition("+")[0]
     base_dir, bundle_dir = request.getfixturevalue(name.replace("-", "_"))
     run = tmp_path_factory.mktemp("agree") / request.param
     cfg = TrainConfig(base=str(base_dir), out=str(run), method="kaizen", n_train=12, n_test=6, max_tasks=3,
-                      epochs=2, batch_size=6, threads=1, options={"prompt_net": 8} if variant else {})
+                      epochs=2, batch_size=6, threads=1, options=VARIANTS[request.param])
     shared = Shared(str(base_dir))
     results = train(cfg, shared=shared)
     return run, bundle_dir, results, shared.stream(cfg)
@@ -42,7 +49,7 @@ def test_station_reproduces_the_trainer_on_every_test_sample(trained, tmp_path):
     run, bundle_dir, results, tasks = trained
     key = generate_signing_key()
     bundle = Bundle.open(bundle_dir)
-    station = Station(bundle_dir, tmp_path / "store", TrustedKeys([key.public_key()]), threshold=-1.0, top_k=3)
+    station = Station(bundle_dir, tmp_path / "store", TrustedKeys([key.public_key()]), threshold=-1.0)  # fuses as trained
     for t, task_id in enumerate(results["stream"]):
         m = export_pack(find_task_dir(run, task_id), tmp_path / f"{task_id}-1.kpk", bundle=bundle, signing_key=key)
         assert m.schema_version == (1 if bundle.query["kind"] == "clip" else 2)

@@ -117,7 +117,7 @@ def assemble(preset_name: str, out, cache=".cache/parts", seed: int = 0, log=pri
     info = {"preset": preset.to_dict(), "seed": seed, "prompt_template": template,
             "preprocess": PreprocessConfig.from_dict(vinfo["preprocess"]).to_dict(),
             "query": {"kind": "vision+text", "text": "text_query"}, "pretrained": False,
-            "lora": {"targets": list(preset.lora_targets)},
+            "lora": {"targets": list(preset.lora_targets)}, "method_defaults": dict(preset.method_defaults),
             "parts": {"vision": vinfo["provenance"], "lm": _lm_provenance(parts), "text": "text_query/kaizen_text.json"},
             "assemble_s": round(time.perf_counter() - t0, 1)}
     (out / "kaizen_base.json").write_text(json.dumps(info, indent=2))

@@ -15,7 +15,7 @@ attention projections only (their packs stay under 1 % of the base bundle).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from kaizen.export.lora_targets import ALL_TARGETS, ATTENTION_TARGETS, parse_targets
 
@@ -90,7 +90,8 @@ class RealPreset:
     image_size: DINOv2 input (patch 14): 224 -> 256 image tokens; lm: "tiny" (the built-in tiny
     Llama, random init, trained by `kaizen base pretrain`) or "smollm2-135m" (frozen, real);
     train_lm: whether `kaizen base pretrain` trains the LM too (LLaVA stage 1 trains only the
-    projector, right for a real LM; a random tiny LM must learn language first).
+    projector, right for a real LM; a random tiny LM must learn language first); method_defaults:
+    the method options a run on this base gets unless it passes its own.
     """
 
     name: str
@@ -101,6 +102,9 @@ class RealPreset:
     vision: str = "dinov2-s14"
     text: str = "all-minilm-l6-v2"
     lora_targets: tuple[str, ...] = ALL_TARGETS
+    # the method options measured best on this base (kaizen_base.json "method_defaults"; explicit
+    # --option values win): one pack per part and image-conditioned prompts (README "Image-conditioned prompts")
+    method_defaults: dict = field(default_factory=lambda: {"top_k": 1, "prompt_net": 16})
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets, f"preset {self.name} lora_targets"))

@@ -27,6 +27,7 @@ from . import report
 from .accel import Dist
 from .evaluate import evaluate_row
 from .methods import METHODS, Context, MethodConfig, build_method
+from .methods.base import base_method_defaults
 from .pack_meta import write_pack_meta
 from .progress import progress
 
@@ -68,8 +69,10 @@ class TrainConfig:
             raise ConfigError("train needs --base (a base folder) and --out (the run folder)")
         self.method_config()
 
-    def method_config(self) -> MethodConfig:
-        return MethodConfig.from_dict(dict(self.options))
+    def method_config(self, base_defaults: dict | None = None) -> MethodConfig:
+        """The method's options: the base's declared defaults (kaizen_base.json method_defaults),
+        overridden by this run's explicit `options`."""
+        return MethodConfig.from_dict({**(base_defaults or {}), **self.options})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,8 +119,11 @@ class Session:
         self.features = self.shared.features
         self.tasks = self.shared.stream(cfg)
         self.dist = dist or Dist()
+        base = self.shared.base
+        self.method_cfg = cfg.method_config(base_method_defaults(base.info, f"{base.path}/kaizen_base.json"))
         self.state = {"config": cfg.to_dict(), "method": cfg.method, "stream": [t.task_id for t in self.tasks],
-                      "base_fingerprint": self.shared.fingerprint, "rows": [], "status": "running"}
+                      "base_fingerprint": self.shared.fingerprint, "method_config": self.method_cfg.to_dict(),
+                      "rows": [], "status": "running"}
 
     @classmethod
     def from_run(cls, run_dir, shared: Shared | None = None) -> Session:
@@ -125,11 +131,13 @@ class Session:
         cfg = TrainConfig.from_dict(dict(state["config"], out=str(run_dir)))
         session = cls(cfg, shared)
         session.state = state
+        if "method_config" in state:  # the options the run was trained with, whatever the base says now
+            session.method_cfg = MethodConfig.from_dict(state["method_config"])
         return session
 
     def new_method(self):
         ctx = Context(self.shared.base, self.features, self.tasks, seed=self.cfg.seed)
-        return build_method(self.cfg.method, ctx, self.cfg.method_config())
+        return build_method(self.cfg.method, ctx, self.method_cfg)
 
     def restore(self, upto: int):
         """The method as it was after task `upto` (structure replayed, state loaded)."""
@@ -153,6 +161,8 @@ class Session:
                               "resume with the same options or start a new --out")
         self.state = old
         self.state["status"] = "running"
+        if "method_config" in old:
+            self.method_cfg = MethodConfig.from_dict(old["method_config"])
         return len(old["rows"])
 
     def finish(self, rows: list[dict]) -> dict:

@@ -97,12 +97,17 @@ def train_config(method: str, base: Path, work: Path, a):
 
 
 def method_options(method: str, preset: str) -> dict:
-    """On the real base, kaizen answers each part with its selected pack alone (top_k 1; the packs
+    """On a real base, kaizen answers each part with its selected pack alone (top_k 1; the packs
     carry it as fusion_top_k, so the stations follow) and conditions each pack's prompt on the
-    part's image (prompt_net 16: runtime/prompt_net.py). Measured on the built-in stream, seeds 0-2:
-    top_k 1 alone MFN 69.9 +- 2.7, BWT 0.0 (top_k 3: 65.8 +- 5.1, -2.3); with prompt_net 16 see
-    README "Image-conditioned prompts". The tiny base keeps the method's defaults."""
-    return {"top_k": 1, "prompt_net": 16} if method == "kaizen" and preset != "tiny-llama" else {}
+    part's image (prompt_net 16: runtime/prompt_net.py): the preset's method_defaults, passed
+    explicitly so that a base assembled before kaizen_base.json carried them trains the same.
+    Measured on the built-in stream, seeds 0-2: top_k 1 alone MFN 69.9 +- 2.7 (top_k 3: 65.8 +- 5.1),
+    with prompt_net 16 87.4 +- 2.5 (README). The tiny base keeps the method's defaults."""
+    if method != "kaizen" or preset == "tiny-llama":
+        return {}
+    from ..presets import get_real_preset
+
+    return dict(get_real_preset(preset).method_defaults)
 
 
 def run_method(method: str, base: Path, work: Path, a, shared, on_task=None) -> dict:

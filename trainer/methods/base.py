@@ -85,6 +85,20 @@ class MethodConfig:
         return cls(**d)
 
 
+def base_method_defaults(info: dict, where: str = "kaizen_base.json") -> dict:
+    """The method options a base declares as its measured best (kaizen_base.json "method_defaults",
+    e.g. {"top_k": 1, "prompt_net": 16} on the real bases; {} when absent). Checked like --option
+    values: ConfigError naming the file for an unknown option or a bad value."""
+    defaults = (info or {}).get("method_defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{where}: \"method_defaults\" must be an object of method options, got {defaults!r}")
+    try:
+        MethodConfig.from_dict(defaults)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"{where}: \"method_defaults\" {defaults}: {err}; fix the file or remove the entry") from None
+    return dict(defaults)
+
+
 @dataclass
 class Context:
     """What a method may use besides its own parameters."""
