@@ -30,10 +30,21 @@ from .db import HubDB
 from .server import Hub, HubFaults
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: every socket stays bound until all are picked (two calls of a
+    one-port helper can return the same port once the first socket is closed: seen in CI)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
@@ -68,7 +79,7 @@ class Fleet:
         for i, sid in enumerate(self.station_ids):
             generate_curve_keypair(keys, f"station{i}")
             allowed.append(AllowedStation(sid, keys / f"station{i}.pub", list((groups or {}).get(sid, []))))
-        port, pub_port = free_port(), free_port()
+        port, pub_port = free_ports(2)
         self.hub_config = HubConfig(
             bind=f"tcp://127.0.0.1:{port}", pub_bind=f"tcp://127.0.0.1:{pub_port}",
             public_key_file=keys / "hub.pub", secret_key_file=keys / "hub.key",

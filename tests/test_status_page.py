@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from kaizen.hub.db import HubDB
-from kaizen.hub.fleet_sim import Fleet, free_port, make_test_packs, wait_until, write_hub_toml
+from kaizen.hub.fleet_sim import Fleet, free_ports, make_test_packs, wait_until, write_hub_toml
 from kaizen.hub.status_page import render_html
 from kaizen.runtime.keys import TrustedKeys, generate_signing_key
 
@@ -107,7 +107,7 @@ def live_fleet(tmp_path):
     groups = {"line1/s00": ["line1", "paint-shop"], "line2/s01": ["line2"], "line1/s02": ["line1"]}
     fleet = Fleet(tmp_path / "fleet", 3, TrustedKeys([signer.public_key()]), FP, chunk_size=32 * 1024,
                   groups=groups)
-    status_port, metrics_port = free_port(), free_port()
+    status_port, metrics_port = free_ports(2)
     hub_toml = write_hub_toml(fleet, tmp_path / "hub.toml")
     hub_toml.write_text(f'status_listen = "127.0.0.1:{status_port}"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
                         + hub_toml.read_text())

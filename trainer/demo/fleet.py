@@ -16,7 +16,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from kaizen.hub.catalog import catalogue_pack
 from kaizen.hub.db import HubDB
+from kaizen.hub.fleet_sim import free_ports
 from kaizen.runtime.endpoint import InferenceClient
 from kaizen.runtime.errors import KaizenError
 from kaizen.runtime.keys import generate_curve_keypair, generate_signing_key, save_signing_key
@@ -32,10 +32,6 @@ from kaizen.runtime.keys import generate_curve_keypair, generate_signing_key, sa
 SIGNER = "demo-signer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _keys(keys: Path, n: int) -> None:
@@ -60,8 +56,7 @@ class DemoFleet:
     def __init__(self, work: Path, bundle_dir: Path, n_stations: int = 3, log=print):
         self.work, self.bundle, self.n, self.log = Path(work), Path(bundle_dir), n_stations, log
         self.procs: list[subprocess.Popen] = []
-        self.hub_port, self.pub_port = free_port(), free_port()
-        self.status_port, self.metrics_port = free_port(), free_port()
+        self.hub_port, self.pub_port, self.status_port, self.metrics_port = free_ports(4)
         self.status_url = f"http://127.0.0.1:{self.status_port}/"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.signing_key = self.work / "keys" / f"{SIGNER}.ed25519.key"
