@@ -20,7 +20,6 @@ from kaizen.runtime.keys import TrustedKeys, generate_signing_key, save_signing_
 from kaizen.runtime.station import Station
 from kaizen.trainer.train import Shared, TrainConfig, train
 
-
 # Options over the base's own defaults (real-fast declares top_k 1 + prompt_net 16): static prompts
 # one pack per part, and conditioned prompts fused over the top 3 packs.
 VARIANTS = {"tiny-llama": {}, "tiny-qwen2": {}, "real-fast": {"prompt_net": 0},
