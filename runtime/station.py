@@ -206,11 +206,9 @@ class Station:
         samples = list(contents.golden)
         if not samples:
             warm = [np.zeros((self.engine.vision_pre.size,) * 2 + (3,), np.uint8)]
-            self._answer(warm, [m.instructions[0]], self._own_prompt(contents, warm), lora, contents.answers)
+            self._answer_alone(contents, warm, [m.instructions[0]], lora)
             return
-        images = [s.image for s in samples]
-        got = self._answer(images, [s.instruction for s in samples], self._own_prompt(contents, images), lora,
-                           contents.answers)
+        got = self._answer_alone(contents, [s.image for s in samples], [s.instruction for s in samples], lora)
         wrong = [(s.answer, g[0]) for s, g in zip(samples, got) if g[0].strip().lower() != s.answer.strip().lower()]
         allowed = self.engine.bundle.golden_allowance(len(samples))
         if self.probe_golden and len(wrong) > allowed:
@@ -219,11 +217,12 @@ class Station:
                             f"{self.engine.bundle.meta.get('precision', 'fp32')} bundle allows {allowed}); "
                             "the pack does not work on this base, retrain or re-export it")
 
-    def _own_prompt(self, contents, images) -> np.ndarray:
-        """A pack's prompt alone for `images`: [R, d], or [B, R, d] when it is image-conditioned."""
-        if contents.prompt_net is None:
-            return contents.prompt
-        return conditioned(contents.prompt, contents.prompt_net, self.engine.image_queries(images)[0])
+    def _answer_alone(self, contents, images, instructions, lora):
+        """A pack's answers with its own prompt alone (warm-up, golden probe). An image-conditioned
+        prompt needs the image queries: that vision pass also gives the image rows (unaligned
+        bundles), so decoding does not run the vision tower again."""
+        q_img, feats = self.engine.image_queries(images) if contents.prompt_net is not None else (None, None)
+        return self._answer(images, instructions, fused_prompt([contents], q_img), lora, contents.answers, feats)
 
     # --- inference -------------------------------------------------------------------------------
     def _answer(self, images, instructions, prompt, lora, answers, feats=None):
