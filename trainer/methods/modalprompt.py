@@ -117,12 +117,11 @@ class ModalPrompt(Method):
 
     def fused(self, own: torch.Tensor, rows: list[list[int]], q: torch.Tensor) -> list[torch.Tensor]:
         """Per part b: own[b] ([R, d], or None to leave it out) then the prompts of tasks rows[b]
-        (detached), concatenated best first, as a station fuses the selected packs."""
-        out = []
-        for b, row in enumerate(rows):
-            parts = [] if own is None else [own[b]]
-            out.append(torch.cat(parts + [self.prompt_for(j, q[b:b + 1])[0].detach() for j in row]))
-        return out
+        (detached), concatenated best first, as a station fuses the selected packs. Each task's
+        prompts are made once for the whole batch."""
+        per_task = {j: self.prompt_for(j, q).detach() for j in sorted({j for row in rows for j in row})}
+        return [torch.cat(([] if own is None else [own[b]]) + [per_task[j][b] for j in row])
+                for b, row in enumerate(rows)]
 
     def _train_prompts(self, batch, t: int) -> list[torch.Tensor]:
         extra = self.cfg.top_k - 1
