@@ -130,10 +130,15 @@ class Session:
         state = ck.read_run(Path(run_dir))
         cfg = TrainConfig.from_dict(dict(state["config"], out=str(run_dir)))
         session = cls(cfg, shared)
-        session.state = state
-        if "method_config" in state:  # the options the run was trained with, whatever the base says now
-            session.method_cfg = MethodConfig.from_dict(state["method_config"])
+        session.adopt(state)
         return session
+
+    def adopt(self, state: dict) -> None:
+        """Continue from a run's saved state, with the method options it was trained with (run.json
+        method_config), whatever the base's kaizen_base.json says now."""
+        self.state = state
+        if "method_config" in state:
+            self.method_cfg = MethodConfig.from_dict(state["method_config"])
 
     def new_method(self):
         ctx = Context(self.shared.base, self.features, self.tasks, seed=self.cfg.seed)
@@ -159,10 +164,8 @@ class Session:
             diff = sorted(k for k in want if want[k] != have.get(k))
             raise ConfigError(f"{self.run}/run.json was made with other settings ({', '.join(diff)}); "
                               "resume with the same options or start a new --out")
-        self.state = old
+        self.adopt(old)
         self.state["status"] = "running"
-        if "method_config" in old:
-            self.method_cfg = MethodConfig.from_dict(old["method_config"])
         return len(old["rows"])
 
     def finish(self, rows: list[dict]) -> dict:
