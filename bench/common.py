@@ -24,16 +24,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def ensure_base(preset: str, work: Path = WORK) -> tuple[Path, Path]:
-    """(base_dir, bundle_dir) of a random-init preset, initialised and exported once (torch)."""
-    base, bundle = work / preset / "base", work / preset / "bundle"
+def ensure_base(preset: str, work: Path = WORK, precision: str = "fp32") -> tuple[Path, Path]:
+    """(base_dir, bundle_dir) of a random-init preset, initialised and exported once (torch). Random
+    weights give near-flat logits, so int8/int4 parity is not enforced (speed and memory only)."""
+    base = work / preset / "base"
+    bundle = work / preset / ("bundle" if precision == "fp32" else f"bundle-{precision}")
     if not (bundle / "base.json").exists():
         from kaizen.export.base_export import export_bundle
         from kaizen.trainer.bases import init_base
 
         if not (base / "config.json").exists():
             init_base(preset, base, seed=0)
-        export_bundle(base, bundle, log=lambda *_: None)
+        export_bundle(base, bundle, precision=precision, log=lambda *_: None,
+                      check=precision in ("fp32", "fp16"))
     return base, bundle
 
 

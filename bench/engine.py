@@ -116,7 +116,12 @@ def ensure_base(preset: str, work: Path, precision: str = "fp32") -> tuple[Path,
                 from kaizen.trainer.bases import init_base
 
                 init_base(preset, base, seed=0)
-        export_bundle(base, bundle, precision=precision)
+        # A random-weight preset's logits are near flat, so a quantized bundle's argmax agreement
+        # with torch is meaningless there (int4 `small`: 44 %); its figures are speed and memory.
+        check = preset in REAL_PRESETS or precision in ("fp32", "fp16")
+        if not check:
+            print(f"{preset}: random weights, {precision} parity not enforced (speed and memory only)", file=sys.stderr)
+        export_bundle(base, bundle, precision=precision, check=check)
     return base, bundle
 
 

@@ -2,6 +2,7 @@
 base bytes, install-to-first-answer time, latency while packs install every second.
 
     .venv/bin/python bench/packs.py [--quick] [--counts 1,10,100,1000] [--hot-seconds 20]
+    .venv/bin/python bench/packs.py --small-selection-only [--precision int8]   # `small` rows alone
 
 Bases are random-init presets exported once into cache/bench/<preset>/ (tiny-llama for every
 timing; `small` (realistic shape, random weights) only for the size ratio). How the stores are
@@ -230,6 +231,23 @@ def fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def print_selection(rows: list[dict], synthetic: list[dict]) -> None:
+    print(f"\n### Selection vs installed packs (ORT threads {THREADS}, per part, p50)\n")
+    print("| base: packs | per-part ms | selection ms (CLIP img + txt + numpy) | CLIP image ms | CLIP text ms "
+          "(uncached / cached) | numpy score+top-k ms | selection share | numpy share | station open s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| tiny-llama: {r['packs']} | {r['per_part_total_p50_ms']:.2f} | {r['select_p50_ms']:.3f} | "
+              f"{r['clip_image_p50_ms']:.3f} | {r['clip_text_uncached_p50_ms']:.3f} / "
+              f"{r['clip_text_cached_p50_ms']:.4f} | {r['numpy_score_topk_p50_ms']:.4f} | "
+              f"{100 * r['select_share']:.1f} % | {100 * r['numpy_share']:.2f} % | {r['station_open_s']:.2f} |")
+    for r in synthetic:
+        print(f"| {r['preset']} {r['precision']}: {r['packs']} (3 installed + random keys) | {r['per_part_p50_ms']:.2f} | "
+              f"{r['select_est_ms']:.3f} | {r['clip_image_p50_ms']:.3f} | {r['clip_text_uncached_p50_ms']:.3f} / "
+              f"{r['clip_text_cached_p50_ms']:.4f} | {r['numpy_score_topk_p50_ms']:.4f} | "
+              f"{100 * r['select_share']:.1f} % | {100 * r['numpy_share']:.2f} % | - |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (counts 1,10; 3 s phases; no small)")
@@ -240,6 +258,10 @@ def main() -> None:
     ap.add_argument("--presets", default=None, help="presets for the size ratio (default tiny-llama,small)")
     ap.add_argument("--threads", type=int, default=1,
                     help="ONNX Runtime intra-op threads (default 1; 0 = ORT's own default, all cores)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                    help="bundle precision of the `small` selection rows (random weights: parity not enforced)")
+    ap.add_argument("--small-selection-only", action="store_true",
+                    help="only the `small` selection rows (printed; the report file is not written)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     global THREADS
@@ -257,6 +279,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     signer = generate_signing_key()
     trusted = TrustedKeys([signer.public_key()])
+    if a.small_selection_only:
+        rows = bench_selection_synthetic("small", counts, max(8, reps // 4), work, signer, trusted, THREADS,
+                                         a.precision)
+        print_selection([], rows)
+        return
     _, bundle = ensure_base("tiny-llama")
     report = {"quick": q, "ort_threads": THREADS, "load_start": load()}
     t0 = time.perf_counter()
@@ -264,26 +291,13 @@ def main() -> None:
     report["selection"], report["selection_setup"] = bench_selection(bundle, counts, reps, work, signer, trusted,
                                                                      THREADS)
     report["selection_synthetic"] = [] if q else bench_selection_synthetic("small", counts, max(8, reps // 4), work,
-                                                                           signer, trusted, THREADS)
+                                                                           signer, trusted, THREADS, a.precision)
     report["install"] = bench_install(bundle, installs, work, signer, trusted)
     report["hot_swap"] = bench_hot_swap(bundle, hot, work, signer, trusted)
     report["load_end"] = load()
     report["seconds"] = time.perf_counter() - t0
 
-    print(f"\n### Selection vs installed packs (ORT threads {THREADS}, per part, p50)\n")
-    print("| base: packs | per-part ms | selection ms (CLIP img + txt + numpy) | CLIP image ms | CLIP text ms "
-          "(uncached / cached) | numpy score+top-k ms | selection share | numpy share | station open s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in report["selection"]:
-        print(f"| tiny-llama: {r['packs']} | {r['per_part_total_p50_ms']:.2f} | {r['select_p50_ms']:.3f} | "
-              f"{r['clip_image_p50_ms']:.3f} | {r['clip_text_uncached_p50_ms']:.3f} / "
-              f"{r['clip_text_cached_p50_ms']:.4f} | {r['numpy_score_topk_p50_ms']:.4f} | "
-              f"{100 * r['select_share']:.1f} % | {100 * r['numpy_share']:.2f} % | {r['station_open_s']:.2f} |")
-    for r in report["selection_synthetic"]:
-        print(f"| {r['preset']}: {r['packs']} (3 installed + random keys) | {r['per_part_p50_ms']:.2f} | "
-              f"{r['select_est_ms']:.3f} | {r['clip_image_p50_ms']:.3f} | {r['clip_text_uncached_p50_ms']:.3f} / "
-              f"{r['clip_text_cached_p50_ms']:.4f} | {r['numpy_score_topk_p50_ms']:.4f} | "
-              f"{100 * r['select_share']:.1f} % | {100 * r['numpy_share']:.2f} % | - |")
+    print_selection(report["selection"], report["selection_synthetic"])
     s = report["selection_setup"]
     print(f"\nStores: {len(TASKS)} matching packs via Station.install (golden probe, p50 "
           f"{median(s['station_install_with_probe_ms']):.0f} ms each), {s['filler_packs']} filler packs via "

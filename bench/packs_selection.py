@@ -111,14 +111,14 @@ def bench_selection(bundle: Path, counts: list[int], reps: int, work: Path, sign
 
 
 def bench_selection_synthetic(preset: str, counts: list[int], reps: int, work: Path, signer, trusted,
-                              threads: int) -> list[dict]:
+                              threads: int, precision: str = "fp32") -> list[dict]:
     """Selection on a bigger base without installing 1000 packs: a real Station with the 3 matching
     packs (Station.install, golden probe) gives the per-part latency and the CLIP query times; the
     numpy score + top-k runs over N keys (the 3 real ones + N-3 random unit keys)."""
     from kaizen.runtime.preprocess import load_rgb
     from kaizen.runtime.selection import normalise
 
-    _, bundle = ensure_base(preset)
+    _, bundle = ensure_base(preset, precision=precision)
     st, images, *_ = station_with_tasks(bundle, work, f"syn-{preset}", signer, trusted, threads)
     for i in range(3):
         st.infer(images[i], INSTRUCTIONS[i])
@@ -143,7 +143,7 @@ def bench_selection_synthetic(preset: str, counts: list[int], reps: int, work: P
         numpy_ms = median(timed(max(200, reps), select_numpy, q_img, q_txt, keys, 0.5, 3))
         select = clip_img + cached + numpy_ms
         per_part = total3 - select3 + select
-        rows.append({"preset": preset, "packs": n, "keys": "3 real + random unit keys", "reps": reps,
+        rows.append({"preset": preset, "precision": precision, "packs": n, "keys": "3 real + random unit keys", "reps": reps,
                      "per_part_p50_ms": per_part, "measured_total_3_packs_p50_ms": total3,
                      "measured_select_3_packs_p50_ms": select3, "select_est_ms": select, "clip_image_p50_ms": clip_img,
                      "clip_text_uncached_p50_ms": clip_txt, "clip_text_cached_p50_ms": cached,

@@ -28,6 +28,7 @@ import torch
 
 from kaizen.runtime.bundle import BUNDLE_SCHEMA_VERSION, bundle_files
 from kaizen.runtime.durable import sha256_file
+from kaizen.runtime.errors import BundleError
 
 from .loading import Base, Clip, TextQuery, base_fingerprint, load_base, load_query
 from .lora_targets import base_lora_targets, parse_targets
@@ -194,6 +195,7 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     targets = base_lora_targets(base.info, where) if targets is None else parse_targets(targets, "LoRA targets")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "parity.json").unlink(missing_ok=True)  # a report from an earlier export into this folder
     t0 = time.perf_counter()
     dtype = torch.float16 if precision == "fp16" else torch.float32  # fp16: weights and activations
     thr = external_data_threshold
@@ -203,7 +205,7 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
         export_clip(clip, out, threshold=thr)
     else:
         export_text_query(clip, out)
-    if precision in ("int8", "int4"):  # weight-only rewrites of decoder.onnx (export/quantize.py)
+    if precision in ("int8", "int4"):  # decoder weights + dynamic int8 towers (export/quantize.py)
         from .quantize import convert_precision
 
         convert_precision(out, precision)
@@ -211,12 +213,16 @@ def export_bundle(base_dir, out, clip_dir=None, precision: str = "fp32", rank: i
     log(f"exported {base_dir} -> {out} ({precision}) in {time.perf_counter() - t0:.1f}s")
     gc.collect()  # the exporter's traced programs, before the parity check loads ORT sessions
     if check:
-        from .parity import check_parity
+        from .parity import parity_report
 
-        report = check_parity(base, clip, out, precision=precision)
-        (out / "parity.json").write_text(json.dumps(report, indent=2))
-        log(f"parity ok: max|diff| logits {report['max_abs_diff_logits']:.2e}, "
-            f"greedy tokens equal: {report['tokens_equal']}")
+        report = parity_report(base, clip, out, precision=precision)
+        (out / "parity.json").write_text(json.dumps(report, indent=2))  # also when it failed: the figures
+        if report["failures"]:
+            raise BundleError(f"parity check failed for {out} (figures in {out / 'parity.json'}): "
+                              + "; ".join(report["failures"]))
+        log(f"parity ok: max|diff| logits {report['max_abs_diff_logits']:.2e} (last position "
+            f"{report['max_rel_diff_last_logits']:.2f} x their std), argmax agreement "
+            f"{report['argmax_agreement']:.3f}, greedy tokens equal: {report['tokens_equal']}")
     return meta
 
 

@@ -1,11 +1,18 @@
 """Parity check of an exported bundle against torch on fixed inputs; fails loudly.
 
-Checks, with and without a soft prompt + LoRA: max |diff| of prefill logits (ORT engine vs
-transformers) within the precision's tolerance, over every position (logits_to_keep not fed) and
-for the last position alone as the engine asks for it (logits_to_keep=1: must be [B, 1, V]), the
-share of positions whose argmax agrees (int4: a floor), and greedy tokens equal to transformers
-`generate` (fp32/fp16; int8/int4: reported).
-Runs automatically at the end of every `kaizen base export`.
+Checks, with and without a soft prompt + LoRA:
+- fp32 / fp16: max |diff| of prefill logits (ORT engine vs transformers) within TOLERANCE, over
+  every position (logits_to_keep not fed) and for the last position alone as the engine asks for
+  it (logits_to_keep=1: must be [B, 1, V]); greedy tokens equal to transformers `generate`.
+- int8 / int4 (weight-only, so errors scale with the base's logits): at the last position, the
+  only prefill logits the engine reads, max |diff| over the standard deviation of torch's logits
+  there within REL_TOLERANCE, and the share of all positions whose argmax agrees with torch above
+  ARGMAX_MIN (a broken graph agrees on almost none); absolute figures and tokens are reported.
+  An absolute bound does not carry across bases: SmolLM2-135M's logits spread ~20x wider than the
+  tiny LM's, and its int8 decoder differs by up to 24 at soft-prompt positions the engine never
+  reads, while greedy tokens stay equal (measured, see README "Precision").
+Runs automatically at the end of every `kaizen base export`, which writes the report to
+parity.json, also when the check fails.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ from kaizen.runtime.preprocess import preprocess_batch
 from .loading import Base, Clip
 from .reference import apply_peft_lora, embed_prompt, positions, random_lora, torch_generate
 
-# max |diff| of logits. int4 (block 32, asymmetric) measured vs fp32 torch: 0.10 on random-init
-# tiny-llama, 0.45 on real-fast (prefill logits, with and without prompt + LoRA).
-TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "int8": 0.5, "int4": 1.0}
+# max |diff| of logits, all positions (fp32, fp16).
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
+# max |diff| / std(torch logits) at the last position (int8, int4). Measured: int8 0.05 (tiny-llama,
+# real-fast), 0.42 (real-small); int4 0.36 (tiny-llama), 0.47 (real-fast, unaligned).
+REL_TOLERANCE = {"int8": 0.75, "int4": 1.5}
 TOKENS_MUST_MATCH = {"fp32": True, "fp16": True, "int8": False, "int4": False}  # else measured, reported
-# Share of prefill positions whose argmax equals torch's. int4 measured: 0.78..0.80 on random-init
-# tiny-llama (near-flat logits), 0.945..0.983 on real-fast.
-ARGMAX_MIN = {"int4": 0.7}
+# Share of prefill positions whose argmax equals torch's. Measured: int8 0.96 (real-small); int4
+# 0.78..0.80 on random-init tiny-llama (near-flat logits), 0.945..0.983 on real-fast.
+ARGMAX_MIN = {"int8": 0.9, "int4": 0.7}
 INSTRUCTIONS = ["Is the part damaged?", "How many holes does the plate have?"]
 NEW_TOKENS = 8
 
@@ -74,19 +83,21 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     valid = mask.bool().numpy()
     diff = float(np.abs(ort_logits[valid] - ref_logits.numpy()[valid]).max())
     # Left-padded: the last position is valid in every row. An old bundle ignores keep (all positions).
-    last_diff = float(np.abs(ort_last[:, -1] - ref_logits.numpy()[:, -1]).max())
+    ref_last = ref_logits.numpy()[:, -1]
+    last_abs = np.abs(ort_last[:, -1] - ref_last).max(axis=-1)
+    last_diff, last_rel = float(last_abs.max()), float((last_abs / np.maximum(ref_last.std(axis=-1), 1e-6)).max())
     argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref_logits.numpy()[valid].argmax(-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
-            "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
+            "max_rel_diff_last_logits": last_rel, "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 
 
-def check_parity(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -> dict:
-    """Compare the bundle with torch; raise BundleError naming what broke."""
+def parity_report(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -> dict:
+    """Compare the bundle with torch; the report says what was measured and `failures` what broke."""
     engine = Engine(Bundle.open(bundle_dir, providers=["CPUExecutionProvider"]))
     images = fixed_images(base.preprocess.size)
     rng = np.random.default_rng(7)
@@ -95,23 +106,39 @@ def check_parity(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") ->
     plain = compare(base, engine, images)
     adapted = compare(base, engine, images, prompt, lora)
     clip_diff = _clip_diff(clip, engine, images) if clip.aligned else _query_diff(base, clip, engine, images)
-    report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff,
-              "max_abs_diff_logits": max(plain["max_abs_diff_logits"], adapted["max_abs_diff_logits"]),
-              "tokens_equal": plain["tokens_equal"] and adapted["tokens_equal"],
-              "token_agreement": min(plain["token_agreement"], adapted["token_agreement"]),
-              "argmax_agreement": min(plain["argmax_agreement"], adapted["argmax_agreement"])}
-    tol = TOLERANCE[precision]
-    if report["max_abs_diff_logits"] > tol:
-        raise BundleError(f"parity check failed for {bundle_dir}: max |diff| of logits "
-                          f"{report['max_abs_diff_logits']:.3g} > {tol} ({precision})")
+    report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff}
+    for key, pick in (("max_abs_diff_logits", max), ("max_rel_diff_last_logits", max), ("tokens_equal", all),
+                      ("token_agreement", min), ("argmax_agreement", min)):
+        report[key] = pick([plain[key], adapted[key]])
+    report["failures"] = failures(report, precision)
+    return report
+
+
+def failures(report: dict, precision: str) -> list[str]:
+    """What the report breaks of `precision`'s bounds, each saying the figure and the bound."""
+    out = []
+    if precision in TOLERANCE and report["max_abs_diff_logits"] > TOLERANCE[precision]:
+        out.append(f"max |diff| of logits {report['max_abs_diff_logits']:.3g} > {TOLERANCE[precision]} ({precision})")
+    if precision in REL_TOLERANCE and report["max_rel_diff_last_logits"] > REL_TOLERANCE[precision]:
+        out.append(f"max |diff| of the last position's logits is {report['max_rel_diff_last_logits']:.3g} x their "
+                   f"spread (std) > {REL_TOLERANCE[precision]} ({precision})")
     if report["argmax_agreement"] < ARGMAX_MIN.get(precision, 0.0):
-        raise BundleError(f"parity check failed for {bundle_dir}: argmax of the logits agrees with torch on "
-                          f"{report['argmax_agreement']:.1%} of positions < {ARGMAX_MIN[precision]:.0%} ({precision})")
+        out.append(f"argmax of the logits agrees with torch on {report['argmax_agreement']:.1%} of positions "
+                   f"< {ARGMAX_MIN[precision]:.0%} ({precision})")
     if TOKENS_MUST_MATCH[precision] and not report["tokens_equal"]:
-        raise BundleError(f"parity check failed for {bundle_dir}: greedy tokens differ from transformers "
-                          f"(plain {plain['ref_tokens']} vs {plain['ort_tokens']})")
-    if clip_diff > TOLERANCE[precision]:
-        raise BundleError(f"parity check failed for {bundle_dir}: query embeddings differ by {clip_diff:.3g}")
+        p = report["plain"]
+        out.append(f"greedy tokens differ from transformers (plain {p['ref_tokens']} vs {p['ort_tokens']})")
+    query_tol = TOLERANCE.get(precision, 0.05)  # quantized bundles: unit query vectors, fp32 query towers
+    if report["clip_max_abs_diff"] > query_tol:
+        out.append(f"query embeddings differ by {report['clip_max_abs_diff']:.3g} > {query_tol} ({precision})")
+    return out
+
+
+def check_parity(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -> dict:
+    """parity_report, raising BundleError naming what broke."""
+    report = parity_report(base, clip, bundle_dir, precision)
+    if report["failures"]:
+        raise BundleError(f"parity check failed for {bundle_dir}: " + "; ".join(report["failures"]))
     return report
 
 

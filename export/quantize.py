@@ -7,6 +7,13 @@
   every MatMul whose weight is a 2-D float initializer (not a graph input, not shared by another
   node) becomes com.microsoft MatMulNBits (blockwise scales along K, block INT4_BLOCK). LoRA
   MatMuls take their A/B from graph inputs (through a Transpose) and stay fp32; so do activations.
+- Both also quantize the encoder towers (vision.onnx and the query towers: clip_image.onnx +
+  clip_text.onnx, or text_query.onnx) with ONNX Runtime's dynamic int8 (MatMulInteger, int8
+  weights per output channel, activations quantized per call): the vision tower was the largest
+  fp32 graph left in an int4 bundle (46 of 114 MB on `small`) and on CPUs with int8 dot products
+  (VNNI) it runs about 1.9x faster (DINOv2-S: 22 -> 12 ms; the CLIP image query of `small`
+  12 -> 6 ms). Accuracy on a trained run: README "Lower precisions"; parity.py bounds the
+  logits and the query vectors against torch.
 - fp16 (for GPUs) is not a rewrite: export/base_export.py exports the graphs from a float16 copy
   of the models, and the parity check compares them with the fp32 torch model.
 """
@@ -126,10 +133,37 @@ def quantize_weights_int4(path: Path, block_size: int = INT4_BLOCK, symmetric: b
             "symmetric": symmetric, "fp32_weight_bytes_removed": int(before - after)}
 
 
+TOWERS = ("vision.onnx", "clip_image.onnx", "clip_text.onnx", "text_query.onnx")
+
+
+def quantize_dynamic_int8(path: Path) -> dict:
+    """Rewrite `path`'s MatMuls to ONNX Runtime's dynamic int8 (MatMulInteger) in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "consider pre-processing" advice on every call
+    tmp = path.with_name(path.name + ".int8.tmp")
+    try:
+        quantize_dynamic(path, tmp, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+        model = onnx.load(str(tmp))
+    finally:
+        quiet.setLevel(level)
+        tmp.unlink(missing_ok=True)
+    done = sum(1 for n in model.graph.node if n.op_type == "MatMulInteger")
+    save_onnx(model, path)
+    return {"matmuls_quantized": done}
+
+
 def convert_precision(bundle_dir: Path, precision: str) -> dict:
+    """Rewrite an exported fp32 bundle's graphs for `precision` (int8 or int4); return what changed."""
     bundle_dir = Path(bundle_dir)
     if precision == "int8":
-        return quantize_weights_int8(bundle_dir / "decoder.onnx")
-    if precision == "int4":
-        return quantize_weights_int4(bundle_dir / "decoder.onnx")
-    raise BundleError(f"precision {precision!r} is applied at export time, not as a graph rewrite")
+        decoder = quantize_weights_int8(bundle_dir / "decoder.onnx")
+    elif precision == "int4":
+        decoder = quantize_weights_int4(bundle_dir / "decoder.onnx")
+    else:
+        raise BundleError(f"precision {precision!r} is applied at export time, not as a graph rewrite")
+    towers = {name: quantize_dynamic_int8(bundle_dir / name) for name in TOWERS if (bundle_dir / name).exists()}
+    return {"decoder.onnx": decoder, **towers}
