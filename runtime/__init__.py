@@ -5,5 +5,5 @@ store, selection, the Station, the wire protocol and the station daemon. It impo
 stdlib, numpy, onnxruntime, pyzmq, tokenizers, pillow and cryptography; a test enforces it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 RUNTIME_VERSION = __version__

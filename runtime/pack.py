@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import RUNTIME_VERSION, jsonsafe
+from . import jsonsafe
 from .errors import PackError
 from .keys import TrustedKeys, key_id
 from .manifest import PACK_SCHEMA_VERSION, Manifest, ManifestFieldError, parse_version
@@ -70,6 +70,11 @@ MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 REQUIRED_FILES = ("prompt.npy", "key.npy", "text_emb.npy", "adapter.npz")
 OPTIONAL_FILES = ("answers.json", "golden/golden.json", PROMPT_NET)
 GOLDEN_IMAGE_RE = re.compile(r"^golden/[A-Za-z0-9_-]{1,64}\.png$")
+# The oldest runtime that reads a member (members not listed: 0.1.0). A pack declares the newest
+# its members need as min_runtime_version, so an older station refuses it as "runtime too old"
+# (checked before unknown members), not as a damaged pack, and still serves the packs it can.
+MEMBER_SINCE = {PROMPT_NET: "0.2.0"}
+FIRST_RUNTIME = "0.1.0"
 SIGNATURE_BYTES = 64
 
 
@@ -94,7 +99,7 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
                lora: Mapping[str, np.ndarray], instructions: list[str], signing_key: Ed25519PrivateKey,
                answers: list[str] | None = None, golden: tuple[GoldenSample, ...] | list = (),
                metrics: dict[str, Any] | None = None, prompt_tokens: int | None = None,
-               lora_rank: int | None = None, min_runtime_version: str = RUNTIME_VERSION,
+               lora_rank: int | None = None, min_runtime_version: str | None = None,
                created_at: str | None = None, query_dims: list[int] | None = None,
                prompt_net: Mapping[str, np.ndarray] | None = None) -> Manifest:
     """Validate the arrays, write a signed pack atomically to out_path, return its manifest.
@@ -103,8 +108,16 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
     `query_dims` [d_img, d_txt] writes schema 2 (key = image key and text key side by side, for
     unaligned query encoders); without it, schema 1 (one key shared by both queries).
     `prompt_net` {"W1", "W2"}: the image-conditioned prompt's meta-net (runtime/prompt_net.py).
+    `min_runtime_version`: default, the oldest runtime that reads every member (MEMBER_SINCE);
+    an older one than that is refused.
     """
     lora = dict(lora)
+    needed = needed_runtime([PROMPT_NET] if prompt_net is not None else [])
+    if min_runtime_version is None:
+        min_runtime_version = needed
+    elif _older(min_runtime_version, needed):
+        raise PackError(f"cannot write pack {out_path}: min_runtime_version {min_runtime_version} is older than "
+                        f"{needed}, the oldest runtime that reads its members (leave it out for the default)")
     fields_ = {
         "schema_version": 2 if query_dims else 1, "task_id": task_id, "version": version, "method": method,
         "base_fingerprint": base_fingerprint, "min_runtime_version": min_runtime_version,
@@ -139,6 +152,19 @@ def pack_members(prompt: np.ndarray, key: np.ndarray, text_emb: np.ndarray, lora
         files["answers.json"] = answers_bytes(answers)
     files.update(golden_members(list(golden)))
     return files
+
+
+def _older(version: str, than: str) -> bool:
+    """version < than; a malformed version is left to the manifest's own check (named field)."""
+    try:
+        return parse_version(version) < parse_version(than)
+    except ValueError:
+        return False
+
+
+def needed_runtime(members) -> str:
+    """The oldest runtime version that reads every one of `members` (MEMBER_SINCE)."""
+    return max([FIRST_RUNTIME] + [MEMBER_SINCE[m] for m in members if m in MEMBER_SINCE], key=parse_version)
 
 
 def write_signed_pack(out_path: str | os.PathLike, manifest_fields: dict[str, Any],
@@ -248,14 +274,18 @@ def verify_members(source: str | os.PathLike, members: dict[str, bytes], trusted
             parse_version(manifest.min_runtime_version) > parse_version(runtime_version, "runtime_version"):
         raise refuse(source, f"runtime too old: pack needs runtime >= {manifest.min_runtime_version}, "
                              f"this is {runtime_version} (upgrade kaizen-edge)")
+    _check_known_members(source, members)  # after the version: a newer pack's members say "too old"
     return _decode(source, members, manifest, limits)
 
 
-def _check_layout(source, members: dict[str, bytes], require_signature: bool = True) -> None:
+def _check_known_members(source, members: dict[str, bytes]) -> None:
     for name in sorted(members):
         if name not in (MANIFEST, SIGNATURE, *REQUIRED_FILES, *OPTIONAL_FILES) \
                 and not GOLDEN_IMAGE_RE.match(name):
             raise refuse(source, f"unexpected member {name} (not part of pack schema {PACK_SCHEMA_VERSION})")
+
+
+def _check_layout(source, members: dict[str, bytes], require_signature: bool = True) -> None:
     if MANIFEST not in members:
         raise refuse(source, f"missing member {MANIFEST}")
     if require_signature and SIGNATURE not in members:

@@ -293,6 +293,20 @@ def test_wrong_base_and_old_runtime(tmp_path, sk, good, trusted):
     assert P.read_pack(tmp_path / "f.kpk", trusted, runtime_version="9.0.0").manifest.version == 1
 
 
+def test_a_newer_packs_unknown_member_reads_as_runtime_too_old(tmp_path, sk, trusted, good):
+    """A member from a later runtime, signed and hashed, in a pack that declares that runtime: the
+    version is checked first, so the station says what to do (upgrade), not "damaged pack"."""
+    members = {n: d for n, d in members_of(good).items() if n not in (P.MANIFEST, P.SIGNATURE)}
+    manifest = json.loads(members_of(good)[P.MANIFEST])
+    fields = {k: v for k, v in manifest.items() if k not in ("sha256", "signing_key_id")}
+    for min_runtime, match in (("9.0.0", r"runtime too old: pack needs runtime >= 9.0.0"),
+                               ("0.1.0", r"unexpected member future\.npy")):
+        path = tmp_path / f"future-{min_runtime}.kpk"
+        P.write_signed_pack(path, dict(fields, min_runtime_version=min_runtime),
+                            dict(members, **{"future.npy": npy_bytes(np.zeros(3, np.float32))}), sk)
+        refused(path, trusted, match, runtime_version="0.2.0")
+
+
 # ---- refusals: arrays ------------------------------------------------------------------------
 
 def test_bad_arrays_refused_even_when_signed(tmp_path, sk, good, trusted):

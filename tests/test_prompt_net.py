@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from kaizen.runtime import RUNTIME_VERSION
 from kaizen.runtime import keys as K
 from kaizen.runtime import pack as P
 from kaizen.runtime.bundle import Bundle
@@ -52,10 +53,10 @@ def sk():
     return K.generate_signing_key()
 
 
-def _build(path, sk, net, **kw):
+def _build(path, sk, net, min_runtime_version=None, **kw):
     arrays = make_arrays(3, d_model=D, d_clip=D_IMG, prompt_tokens=R, **kw)
     return P.build_pack(path, task_id="bend", version=1, method="kaizen", base_fingerprint=FP, signing_key=sk,
-                        prompt_net=net, **arrays)
+                        prompt_net=net, min_runtime_version=min_runtime_version, **arrays)
 
 
 def test_pack_round_trip_carries_the_prompt_net(tmp_path, sk):
@@ -68,6 +69,21 @@ def test_pack_round_trip_carries_the_prompt_net(tmp_path, sk):
     _build(tmp_path / "plain-1.kpk", sk, None)
     plain = P.read_pack(tmp_path / "plain-1.kpk", K.TrustedKeys([sk.public_key()]))
     assert plain.prompt_net is None
+
+
+def test_a_prompt_net_pack_says_which_runtime_reads_it(tmp_path, sk):
+    """Packs declare the oldest runtime that reads their members: a station too old for a prompt
+    net refuses as "runtime too old" (and keeps serving plain packs, which declare 0.1.0)."""
+    trusted = K.TrustedKeys([sk.public_key()])
+    assert _build(tmp_path / "bend-1.kpk", sk, _net().arrays()).min_runtime_version == "0.2.0"
+    assert _build(tmp_path / "plain-1.kpk", sk, None).min_runtime_version == "0.1.0"
+    with pytest.raises(PackError, match=r"bend-1.kpk.*runtime too old: pack needs runtime >= 0.2.0, this is 0.1.0"):
+        P.read_pack(tmp_path / "bend-1.kpk", trusted, runtime_version="0.1.0")
+    assert P.read_pack(tmp_path / "plain-1.kpk", trusted, runtime_version="0.1.0").prompt_net is None
+    assert P.read_pack(tmp_path / "bend-1.kpk", trusted, runtime_version=RUNTIME_VERSION).prompt_net is not None
+    with pytest.raises(PackError, match=r"min_runtime_version 0.1.0 is older than 0.2.0"):
+        _build(tmp_path / "lying-1.kpk", sk, _net().arrays(), min_runtime_version="0.1.0")
+    assert not (tmp_path / "lying-1.kpk").exists()
 
 
 @pytest.mark.parametrize("change, match", [
