@@ -9,8 +9,8 @@ bench/export_memory.py).
 
 Each preset declares its LoRA targets (`lora_targets`): `kaizen base init` / `assemble` record
 them in kaizen_base.json, `kaizen base export` builds the decoder's LoRA inputs for them and the
-trainer trains them by default. The tiny bases keep all 7; `small` and `medium` take the
-attention projections only (their packs stay under 1 % of the base bundle).
+trainer trains them by default. The tiny bases and real-fast keep all 7; `small`, `medium` and
+real-small take the attention projections only (their packs stay under 1 % of the base bundle).
 """
 
 from __future__ import annotations
@@ -119,7 +119,10 @@ class RealPreset:
 
 REAL_PRESETS: dict[str, RealPreset] = {
     "real-fast": RealPreset(name="real-fast", lm="tiny", image_size=112, train_lm=True),
-    "real-small": RealPreset(name="real-small", lm="smollm2-135m", image_size=112, train_lm=False),
+    # Attention-only LoRA: packs 9.7 -> ~4 MiB (pack/base 1.2 -> ~0.5 %). Measured on real-fast
+    # (kaizen, top_k 1 + prompt_net 16, seeds 0-2): MFN 87.9 +- 2.2 attention-only vs 87.4 +- 2.5 all 7.
+    "real-small": RealPreset(name="real-small", lm="smollm2-135m", image_size=112, train_lm=False,
+                             lora_targets=ATTENTION_TARGETS),
 }
 
 
