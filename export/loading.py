@@ -21,6 +21,8 @@ from kaizen.runtime.errors import BundleError
 from kaizen.runtime.preprocess import PreprocessConfig
 from kaizen.runtime.prompting import PromptSpec
 
+from . import query_whitening
+
 DEFAULT_TEMPLATE = "USER: <image>\n{instruction}\nASSISTANT:"
 
 
@@ -142,6 +144,13 @@ def load_base(path: str | Path) -> Base:
                       image_token_id=int(conf.get("image_token_id", conf.get("image_token_index"))),
                       num_image_tokens=n_img)
     pre = info.get("preprocess") or _hf_preprocess(path, vision.image_size)
+    whitening = query_whitening.load(path, vision.hidden_size)  # BASE/query_whitening.npz, if any
+    if whitening is None and (info.get("query") or {}).get("whitening"):
+        raise BundleError(f"{path / query_whitening.FILE} is missing but {path}/kaizen_base.json says the base "
+                          "whitens its image queries; copy the whole base folder again (or re-run "
+                          "`kaizen base pretrain BASE --whiten-only`)")
+    if whitening is not None:
+        query_whitening.attach(model, *whitening)
     return Base(path, model, tokenizer, spec, PreprocessConfig.from_dict(pre), info)
 
 
@@ -174,13 +183,17 @@ def load_clip(path: str | Path) -> Clip:
 
 
 def base_fingerprint(base: Base, clip) -> str:
-    """sha256 over every weight of the VLM and the query encoder (Clip or TextQuery), and both
-    tokenizers (precision-independent)."""
+    """sha256 over every weight of the VLM and the query encoder (Clip or TextQuery), the base's
+    query whitening (if any) and both tokenizers (precision-independent)."""
     h = hashlib.sha256()
     for name, model in (("vlm", base.model), ("clip", clip.model)):
         for key, tensor in sorted(model.state_dict().items()):
             h.update(f"{name}.{key}:{tuple(tensor.shape)}".encode())
             h.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    whitening = query_whitening.attached(base.model)
+    for name, tensor in zip(("mean", "matrix"), whitening or ()):  # part of the image query
+        h.update(f"query_whitening.{name}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.contiguous().numpy().tobytes())
     h.update((base.path / "tokenizer.json").read_bytes())
     h.update(clip.tokenizer_bytes())
     return h.hexdigest()

@@ -13,6 +13,7 @@ import torch
 
 from kaizen.runtime.prompting import prompt_ids
 
+from . import query_whitening
 from .loading import Base
 from .wrappers import ATTN_TARGETS
 
@@ -49,11 +50,12 @@ def vision_pass(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     The rows equal `image_features` (LlavaModel.get_image_features for one feature layer); the
     query is the tower's pooled output (DINOv2: the layer-normed CLS; CLIP: post-layernorm CLS),
-    the image query of unaligned query encoders, so a station needs no second image tower.
+    the image query of unaligned query encoders, so a station needs no second image tower;
+    whitened when the base has a query whitening (export/query_whitening.py).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     feats, pooled = tower_features(inner, pixel_values)
-    return inner.model.multi_modal_projector(feats), pooled
+    return inner.model.multi_modal_projector(feats), query_whitening.apply(inner, pooled)
 
 
 def request_rows(model, base: Base, image_feats: torch.Tensor, instructions: list[str],

@@ -8,16 +8,20 @@ the projector alone (real LM, e.g. SmolLM2: LLaVA's stage 1), or the projector a
 preset says `train_lm` (the fast base's tiny LM starts from random weights and must learn the
 generic answers' language). Data: the generic synthetic instructions (never the task streams).
 Writes the weights back, pretrain.json (loss curve, held-out accuracy before/after) and pretrain.png.
+Also fits the base's query whitening on the same generic images' pooled tower outputs
+(export/query_whitening.py; `--whiten-only` does just that for a base aligned before it existed).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kaizen.export import query_whitening
 from kaizen.export.reference import tower_features
 from kaizen.runtime.preprocess import preprocess_batch
 
@@ -25,13 +29,44 @@ from .progress import progress
 
 
 @torch.no_grad()
-def tower_rows(base, samples, chunk: int = 32) -> torch.Tensor:
-    """Frozen vision-tower features the projector takes [n, N, d_vision], fp16 to save memory."""
-    out = []
+def tower_rows(base, samples, chunk: int = 32) -> tuple[torch.Tensor, np.ndarray]:
+    """Frozen vision-tower features the projector takes [n, N, d_vision] (fp16 to save memory),
+    and the tower's pooled outputs [n, d_vision] (raw: what the query whitening is fitted on)."""
+    out, pooled = [], []
     for i in progress(range(0, len(samples), chunk), desc="vision features"):
         px = torch.from_numpy(preprocess_batch([s.load_image() for s in samples[i:i + chunk]], base.preprocess))
-        out.append(tower_features(base.model, px)[0].half())
-    return torch.cat(out)
+        rows, pool = tower_features(base.model, px)
+        out.append(rows.half())
+        pooled.append(pool.float().numpy())
+    return torch.cat(out), np.concatenate(pooled)
+
+
+def fit_query_whitening(base, base_dir: Path, pooled: np.ndarray, log=print) -> dict:
+    """Fit the base's query whitening on generic pooled queries, save it, record it in
+    kaizen_base.json and make `base` use it (export/query_whitening.py)."""
+    mean, matrix = query_whitening.fit(pooled)
+    query_whitening.save(base_dir, mean, matrix)
+    query_whitening.attach(base.model, mean, matrix)
+    info_path = base_dir / "kaizen_base.json"
+    info = json.loads(info_path.read_text())
+    entry = {"file": query_whitening.FILE, "eps": query_whitening.EPS, "images": len(pooled),
+             "data": "generic instruction images (trainer/data/generic.py)"}
+    info.setdefault("query", {})["whitening"] = entry
+    info_path.write_text(json.dumps(info, indent=2))
+    base.info = info
+    log(f"query whitening fitted on {len(pooled)} generic images -> {base_dir / query_whitening.FILE}")
+    return entry
+
+
+def whiten(base_dir, n_images: int = 1024, seed: int = 0, log=print) -> dict:
+    """`kaizen base pretrain BASE --whiten-only`: fit the query whitening of an aligned base."""
+    from .bases import load_base
+    from .data.generic import generic_instruction_samples
+
+    base_dir = Path(base_dir)
+    base = load_base(base_dir)
+    _, pooled = tower_rows(base, generic_instruction_samples(seed=seed, n=n_images))
+    return fit_query_whitening(base, base_dir, pooled, log)
 
 
 def _loss(base, samples, rows: torch.Tensor) -> torch.Tensor:
@@ -71,7 +106,8 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     n_images = n_images or min(1024, max(batch, steps * batch // 2))  # ~2 epochs; the tower pass dominates
     train = generic_instruction_samples(seed=seed, n=n_images)
     held = generic_instruction_samples(seed=seed + 1000, n=min(128, n_images))
-    rows, held_rows = tower_rows(base, train), tower_rows(base, held)
+    (rows, pooled), (held_rows, _) = tower_rows(base, train), tower_rows(base, held)
+    whitening = fit_query_whitening(base, base_dir, pooled, log)
     before = heldout_accuracy(base, held, held_rows)
     model = base.model
     model.requires_grad_(False)
@@ -99,7 +135,8 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     report = {"recipe": "llava-stage-1" + (" + tiny LM" if train_lm else ""), "steps": steps, "batch": batch,
               "seed": seed, "lr": lr, "n_images": n_images, "seconds": round(time.perf_counter() - t0, 1),
               "trainable_parameters": sum(p.numel() for p in params),
-              "vlm_heldout_accuracy": {"before": before, "after": after}, "vlm_loss": losses, "clip_loss": []}
+              "vlm_heldout_accuracy": {"before": before, "after": after}, "vlm_loss": losses, "clip_loss": [],
+              "query_whitening": whitening}
     model.save_pretrained(str(base_dir))
     write_pretrain_report(base_dir, report)
     log(f"aligned in {report['seconds']}s ({report['trainable_parameters']} trainable parameters): "

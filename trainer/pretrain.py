@@ -233,6 +233,14 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--whiten-only", action="store_true",
+                    help="an assembled real base: only fit its query whitening (export/query_whitening.py) "
+                         "on the generic images, weights untouched (its fingerprint changes: re-export packs)")
     a = ap.parse_args(argv)
+    if a.whiten_only:
+        from .align import whiten
+
+        whiten(a.base, seed=a.seed)
+        return 0
     pretrain(a.base, a.steps, a.clip_steps, a.batch, a.seed, a.lr)
     return 0
