@@ -1,7 +1,8 @@
 """Parity check of an exported bundle against torch on fixed inputs; fails loudly.
 
 Checks, with and without a soft prompt + LoRA:
-- fp32 / fp16: max |diff| of prefill logits (ORT engine vs transformers) within TOLERANCE, over
+- fp32 / fp16: max |diff| of prefill logits (ORT engine vs transformers) within TOLERANCE (scaled
+  up by the logits' spread when it is over 1), over
   every position (logits_to_keep not fed) and for the last position alone as the engine asks for
   it (logits_to_keep=1: must be [B, 1, V]); greedy tokens equal to transformers `generate`.
 - int8 / int4 (quantized weights, so errors scale with the base's logits): at the last position, the
@@ -31,7 +32,8 @@ from kaizen.runtime.preprocess import preprocess_batch
 from .loading import Base, Clip
 from .reference import apply_peft_lora, embed_prompt, positions, random_lora, torch_generate
 
-# max |diff| of logits, all positions (fp32, fp16).
+# max |diff| of logits, all positions (fp32, fp16), times max(1, median std of torch's logits): float
+# error grows with the logits' size (real-small, std ~3: fp32 1.7e-3 after a few alignment steps).
 TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
 # max |diff| / std(torch logits) at the last position (int8, int4). Measured: int8 0.05 (tiny-llama),
 # 0.14 (trained real-fast), 0.36 (real-small); int4 0.36 (tiny-llama), 0.33 (trained real-fast).
@@ -88,11 +90,12 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     last_abs = np.abs(ort_last[:, -1] - ref_last).max(axis=-1)
     last_diff, last_rel = float(last_abs.max()), float((last_abs / np.maximum(ref_last.std(axis=-1), 1e-6)).max())
     argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref_logits.numpy()[valid].argmax(-1)))
+    spread = float(np.median(ref_logits.numpy()[valid].std(axis=-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
-            "max_rel_diff_last_logits": last_rel, "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
+            "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 
@@ -108,7 +111,8 @@ def parity_report(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -
     adapted = compare(base, engine, images, prompt, lora)
     clip_diff = _clip_diff(clip, engine, images) if clip.aligned else _query_diff(base, clip, engine, images)
     report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff}
-    for key, pick in (("max_abs_diff_logits", max), ("max_rel_diff_last_logits", max), ("tokens_equal", all),
+    for key, pick in (("max_abs_diff_logits", max), ("max_rel_diff_last_logits", max), ("logit_std", max),
+                      ("tokens_equal", all),
                       ("token_agreement", min), ("argmax_agreement", min)):
         report[key] = pick([plain[key], adapted[key]])
     report["failures"] = failures(report, precision)
@@ -118,8 +122,10 @@ def parity_report(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -
 def failures(report: dict, precision: str) -> list[str]:
     """What the report breaks of `precision`'s bounds, each saying the figure and the bound."""
     out = []
-    if precision in TOLERANCE and report["max_abs_diff_logits"] > TOLERANCE[precision]:
-        out.append(f"max |diff| of logits {report['max_abs_diff_logits']:.3g} > {TOLERANCE[precision]} ({precision})")
+    bound = TOLERANCE.get(precision, 0.0) * max(1.0, report["logit_std"])  # float error grows with the logits
+    if precision in TOLERANCE and report["max_abs_diff_logits"] > bound:
+        out.append(f"max |diff| of logits {report['max_abs_diff_logits']:.3g} > {bound:.3g} ({precision}: "
+                   f"{TOLERANCE[precision]} x max(1, logits' std {report['logit_std']:.3g}))")
     if precision in REL_TOLERANCE and report["max_rel_diff_last_logits"] > REL_TOLERANCE[precision]:
         out.append(f"max |diff| of the last position's logits is {report['max_rel_diff_last_logits']:.3g} x their "
                    f"spread (std) > {REL_TOLERANCE[precision]} ({precision})")

