@@ -112,15 +112,9 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
     an older one than that is refused.
     """
     lora = dict(lora)
-    needed = needed_runtime([PROMPT_NET] if prompt_net is not None else [])
-    if min_runtime_version is None:
-        min_runtime_version = needed
-    elif _older(min_runtime_version, needed):
-        raise PackError(f"cannot write pack {out_path}: min_runtime_version {min_runtime_version} is older than "
-                        f"{needed}, the oldest runtime that reads its members (leave it out for the default)")
     fields_ = {
         "schema_version": 2 if query_dims else 1, "task_id": task_id, "version": version, "method": method,
-        "base_fingerprint": base_fingerprint, "min_runtime_version": min_runtime_version,
+        "base_fingerprint": base_fingerprint, "min_runtime_version": min_runtime_version or FIRST_RUNTIME,
         "prompt_tokens": _shape0(prompt) if prompt_tokens is None else prompt_tokens,
         "lora_rank": _infer_rank(lora) if lora_rank is None else lora_rank,
         "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -137,6 +131,12 @@ def build_pack(out_path: str | os.PathLike, *, task_id: str, version: int, metho
         files = pack_members(prompt, key, text_emb, lora, answers, golden, prompt_net)
     except ValueError as err:
         raise PackError(f"cannot write pack {out_path}: {err}") from None
+    needed = needed_runtime(files)  # the draft above has checked an explicit version's form
+    if min_runtime_version is None:
+        fields_["min_runtime_version"] = needed
+    elif parse_version(min_runtime_version) < parse_version(needed):
+        raise PackError(f"cannot write pack {out_path}: min_runtime_version {min_runtime_version} is older than "
+                        f"{needed}, the oldest runtime that reads its members (leave it out for the default)")
     return write_signed_pack(out_path, fields_, files, signing_key)
 
 
@@ -152,14 +152,6 @@ def pack_members(prompt: np.ndarray, key: np.ndarray, text_emb: np.ndarray, lora
         files["answers.json"] = answers_bytes(answers)
     files.update(golden_members(list(golden)))
     return files
-
-
-def _older(version: str, than: str) -> bool:
-    """version < than; a malformed version is left to the manifest's own check (named field)."""
-    try:
-        return parse_version(version) < parse_version(than)
-    except ValueError:
-        return False
 
 
 def needed_runtime(members) -> str:
