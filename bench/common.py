@@ -35,8 +35,10 @@ def ensure_base(preset: str, work: Path = WORK, precision: str = "fp32") -> tupl
 
         if not (base / "config.json").exists():
             init_base(preset, base, seed=0)
-        export_bundle(base, bundle, precision=precision, log=lambda *_: None,
-                      check=precision in ("fp32", "fp16"))
+        check = precision in ("fp32", "fp16")  # int4 `small`: argmax agreement 44 % on near-flat logits
+        if not check:
+            print(f"{preset}: random weights, {precision} parity not enforced (speed and memory only)", file=sys.stderr)
+        export_bundle(base, bundle, precision=precision, log=lambda *_: None, check=check)
     return base, bundle
 
 

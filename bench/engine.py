@@ -98,30 +98,23 @@ def peak_rss_mb() -> float:
 
 
 def ensure_base(preset: str, work: Path, precision: str = "fp32") -> tuple[Path, Path]:
-    """A built-in preset (random init) or a real one (assembled from packaged parts, not aligned:
-    the figures are speed and memory, which alignment does not change)."""
+    """A built-in preset (random init: bench/common.py) or a real one (assembled from packaged
+    parts, not aligned: the figures are speed and memory, which alignment does not change)."""
     from kaizen.trainer.presets import REAL_PRESETS
 
+    if preset not in REAL_PRESETS:  # imported here: the timed children import no bench helpers
+        from common import ensure_base as ensure_random_base
+
+        return ensure_random_base(preset, work, precision)
     base = work / preset / "base"
     bundle = work / preset / ("bundle" if precision == "fp32" else f"bundle-{precision}")
     if not (bundle / "base.json").exists():
         from kaizen.export.base_export import export_bundle
+        from kaizen.trainer.assemble import assemble
 
         if not (base / "config.json").exists():
-            if preset in REAL_PRESETS:
-                from kaizen.trainer.assemble import assemble
-
-                assemble(preset, base, cache=work / "parts")
-            else:
-                from kaizen.trainer.bases import init_base
-
-                init_base(preset, base, seed=0)
-        # A random-weight preset's logits are near flat, so a quantized bundle's argmax agreement
-        # with torch is meaningless there (int4 `small`: 44 %); its figures are speed and memory.
-        check = preset in REAL_PRESETS or precision in ("fp32", "fp16")
-        if not check:
-            print(f"{preset}: random weights, {precision} parity not enforced (speed and memory only)", file=sys.stderr)
-        export_bundle(base, bundle, precision=precision, check=check)
+            assemble(preset, base, cache=work / "parts")
+        export_bundle(base, bundle, precision=precision)
     return base, bundle
 
 
