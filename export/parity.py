@@ -2,9 +2,9 @@
 
 Checks, with and without a soft prompt + LoRA:
 - fp32 / fp16: max |diff| of prefill logits (ORT engine vs transformers) within TOLERANCE (scaled
-  up by the logits' spread when it is over 1), over
-  every position (logits_to_keep not fed) and for the last position alone as the engine asks for
-  it (logits_to_keep=1: must be [B, 1, V]); greedy tokens equal to transformers `generate`.
+  up by the logits' spread when it is over 1), over every position (logits_to_keep not fed) and
+  for the last position alone as the engine asks for it (logits_to_keep=1: must be [B, 1, V]);
+  greedy tokens equal to transformers `generate`.
 - int8 / int4 (quantized weights, so errors scale with the base's logits): at the last position, the
   only prefill logits the engine reads, max |diff| over the standard deviation of torch's logits
   there within REL_TOLERANCE, and the share of all positions whose argmax agrees with torch above
@@ -83,19 +83,20 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     if engine.keeps_logits and ort_last.shape[1] != 1:
         raise BundleError(f"parity check failed for {engine.bundle.path}: decoder.onnx fed logits_to_keep=1 "
                           f"returned logits {list(ort_last.shape)}, not [B, 1, V]: re-export the base")
-    valid = mask.bool().numpy()
-    diff = float(np.abs(ort_logits[valid] - ref_logits.numpy()[valid]).max())
+    valid, ref = mask.bool().numpy(), ref_logits.numpy()
+    diff = float(np.abs(ort_logits[valid] - ref[valid]).max())
     # Left-padded: the last position is valid in every row. An old bundle ignores keep (all positions).
-    ref_last = ref_logits.numpy()[:, -1]
-    last_abs = np.abs(ort_last[:, -1] - ref_last).max(axis=-1)
-    last_diff, last_rel = float(last_abs.max()), float((last_abs / np.maximum(ref_last.std(axis=-1), 1e-6)).max())
-    argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref_logits.numpy()[valid].argmax(-1)))
-    spread = float(np.median(ref_logits.numpy()[valid].std(axis=-1)))
+    last_abs = np.abs(ort_last[:, -1] - ref[:, -1]).max(axis=-1)
+    last_diff = float(last_abs.max())
+    last_rel = float((last_abs / np.maximum(ref[:, -1].std(axis=-1), 1e-6)).max())
+    argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref[valid].argmax(-1)))
+    spread = float(np.median(ref[valid].std(axis=-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
-            "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape), "argmax_agreement": argmax,
+            "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape),
+            "argmax_agreement": argmax,
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 
@@ -112,8 +113,7 @@ def parity_report(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -
     clip_diff = _clip_diff(clip, engine, images) if clip.aligned else _query_diff(base, clip, engine, images)
     report = {"precision": precision, "plain": plain, "prompt_and_lora": adapted, "clip_max_abs_diff": clip_diff}
     for key, pick in (("max_abs_diff_logits", max), ("max_rel_diff_last_logits", max), ("logit_std", max),
-                      ("tokens_equal", all),
-                      ("token_agreement", min), ("argmax_agreement", min)):
+                      ("tokens_equal", all), ("token_agreement", min), ("argmax_agreement", min)):
         report[key] = pick([plain[key], adapted[key]])
     report["failures"] = failures(report, precision)
     return report
