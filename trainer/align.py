@@ -6,7 +6,8 @@ The vision tower (DINOv2) stays frozen, so its patch features are computed ONCE 
 training image and cached; each step then runs only the projector and the language model. Trained:
 the projector alone (real LM, e.g. SmolLM2: LLaVA's stage 1), or the projector and the LM when the
 preset says `train_lm` (the fast base's tiny LM starts from random weights and must learn the
-generic answers' language). Data: the generic synthetic instructions (never the task streams).
+generic answers' language), its output head left as assembled when the preset says `fixed_head`
+(a fixed random projection, so answer words stage 1 never produced stay learnable by packs). Data: the generic synthetic instructions (never the task streams).
 Writes the weights back, pretrain.json (loss curve, held-out accuracy before/after) and pretrain.png.
 Also fits the base's query whitening on the same generic images' pooled tower outputs
 (export/query_whitening.py; `--whiten-only` does just that for a base aligned before it existed).
@@ -101,7 +102,8 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
 
     base_dir = Path(base_dir)
     base = load_base(base_dir)
-    train_lm = bool(base.info.get("preset", {}).get("train_lm"))
+    preset = base.info.get("preset", {})
+    train_lm, fixed_head = bool(preset.get("train_lm")), bool(preset.get("fixed_head"))
     t0 = time.perf_counter()
     n_images = n_images or min(1024, max(batch, steps * batch // 2))  # ~2 epochs; the tower pass dominates
     train = generic_instruction_samples(seed=seed, n=n_images)
@@ -113,7 +115,8 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     model.requires_grad_(False)
     params = list(model.model.multi_modal_projector.parameters())
     if train_lm:
-        params += list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+        params += list(model.model.language_model.parameters())
+        params += [] if fixed_head else list(model.lm_head.parameters())  # a fixed head stays as assembled
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -133,7 +136,7 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     model.requires_grad_(False)
     after = heldout_accuracy(base, held, held_rows)
     report = {"recipe": "llava-stage-1" + (" + tiny LM" if train_lm else ""), "steps": steps, "batch": batch,
-              "seed": seed, "lr": lr, "n_images": n_images, "seconds": round(time.perf_counter() - t0, 1),
+              "seed": seed, "lr": lr, "n_images": n_images, "fixed_head": fixed_head, "seconds": round(time.perf_counter() - t0, 1),
               "trainable_parameters": sum(p.numel() for p in params),
               "vlm_heldout_accuracy": {"before": before, "after": after}, "vlm_loss": losses, "clip_loss": [],
               "query_whitening": whitening}

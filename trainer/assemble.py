@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -65,6 +66,16 @@ def _tiny_lm(preset: RealPreset, seed: int):
     return cfg, None, tok, tk.IMAGE_ID, "USER: <image>\n{instruction}\nASSISTANT:"
 
 
+@torch.no_grad()
+def fixed_random_head(weight: torch.Tensor, seed: int) -> None:
+    """Fill the tiny LM's output head [vocab, d] with N(0, 1/d), rows of norm ~1 in random
+    directions. Stage 1 leaves it alone (align.py): trained, the rows of the tokens it never answers
+    with all drift along the same push-down direction (init std 0.02 keeps their own part tiny),
+    so later no LoRA can raise one of them above the others; fixed, each stays reachable."""
+    g = torch.Generator().manual_seed(seed)
+    weight.copy_(torch.randn(weight.shape, generator=g) / math.sqrt(weight.shape[1]))
+
+
 def _smollm2(folder: Path):
     """SmolLM2's config, weights and tokenizer, with an added <image> token (the LLaVA placeholder)."""
     from transformers import AutoConfig, LlamaForCausalLM
@@ -105,6 +116,8 @@ def assemble(preset_name: str, out, cache=".cache/parts", seed: int = 0, log=pri
     if lm is not None:
         model.model.language_model.load_state_dict(lm.model.state_dict())
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if preset.fixed_head:
+        fixed_random_head(model.lm_head.weight, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tk.save_hf_tokenizer(tok, out, model_max_length=2048) if preset.lm == "tiny" else _save_tokenizer(tok, out)

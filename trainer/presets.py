@@ -90,14 +90,17 @@ class RealPreset:
     image_size: DINOv2 input (patch 14): 224 -> 256 image tokens; lm: "tiny" (the built-in tiny
     Llama, random init, trained by `kaizen base pretrain`) or "smollm2-135m" (frozen, real);
     train_lm: whether `kaizen base pretrain` trains the LM too (LLaVA stage 1 trains only the
-    projector, right for a real LM; a random tiny LM must learn language first); method_defaults:
-    the method options a run on this base gets unless it passes its own.
+    projector, right for a real LM; a random tiny LM must learn language first); fixed_head: the
+    tiny LM's output head is a fixed random projection (std 1/sqrt(d)) that stage 1 leaves alone, so
+    answer words stage 1 never produced stay learnable by a pack (README "A fixed output head");
+    method_defaults: the method options a run on this base gets unless it passes its own.
     """
 
     name: str
     lm: str
     image_size: int = 224
     train_lm: bool = False
+    fixed_head: bool = False
     cls_token: bool = True  # the tower's CLS row is an image token too (LLaVA strategy "full")
     vision: str = "dinov2-s14"
     text: str = "all-minilm-l6-v2"
@@ -110,6 +113,8 @@ class RealPreset:
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets, f"preset {self.name} lora_targets"))
         if self.lm not in ("tiny", "smollm2-135m"):
             raise ValueError(f"preset {self.name}: lm must be tiny or smollm2-135m, got {self.lm!r}")
+        if self.fixed_head and not (self.lm == "tiny" and self.train_lm):
+            raise ValueError(f"preset {self.name}: fixed_head is for the tiny LM trained in stage 1 (lm tiny, train_lm)")
         if self.image_size % 14:
             raise ValueError(f"preset {self.name}: image_size must be a multiple of 14 (DINOv2 patch)")
 
@@ -118,7 +123,7 @@ class RealPreset:
 
 
 REAL_PRESETS: dict[str, RealPreset] = {
-    "real-fast": RealPreset(name="real-fast", lm="tiny", image_size=112, train_lm=True),
+    "real-fast": RealPreset(name="real-fast", lm="tiny", image_size=112, train_lm=True, fixed_head=True),
     # Attention-only LoRA: packs 9.7 -> ~4 MiB (pack/base 1.2 -> ~0.5 %). Measured on real-fast
     # (kaizen, top_k 1 + prompt_net 16, seeds 0-2): MFN 87.9 +- 2.2 attention-only vs 87.4 +- 2.5 all 7.
     "real-small": RealPreset(name="real-small", lm="smollm2-135m", image_size=112, train_lm=False,
