@@ -7,8 +7,13 @@ Checks, with and without a soft prompt + LoRA:
   greedy tokens equal to transformers `generate`.
 - int8 / int4 (quantized weights, so errors scale with the base's logits): at the last position, the
   only prefill logits the engine reads, max |diff| over the standard deviation of torch's logits
-  there within REL_TOLERANCE, and the share of all positions whose argmax agrees with torch above
-  ARGMAX_MIN (a broken graph agrees on almost none); absolute figures and tokens are reported.
+  there within REL_TOLERANCE, and the share of decided positions whose argmax agrees with torch
+  above ARGMAX_MIN (a broken graph agrees on almost none); absolute figures and tokens are reported.
+  Decided: torch's top logit leads its runner-up by >= DECIDED_MARGIN x that position's std. Where
+  torch itself is undecided (image and soft-prompt rows of a base whose output head is a fixed
+  random projection: median lead 0.08 std on real-fast) any rounding flips the argmax, so those
+  positions say nothing about the graph; with fewer than MIN_DECIDED decided positions every
+  position counts, as before.
   An absolute bound does not carry across bases: SmolLM2-135M's logits spread ~20x wider than the
   tiny LM's, and its int8 decoder differs by up to 24 at soft-prompt positions the engine never
   reads, while greedy tokens stay equal (measured, see README "Lower precisions"). Their query
@@ -39,9 +44,13 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 0.1}
 # 0.14 (trained real-fast), 0.36 (real-small); int4 0.36 (tiny-llama), 0.33 (trained real-fast).
 REL_TOLERANCE = {"int8": 0.75, "int4": 1.5}
 TOKENS_MUST_MATCH = {"fp32": True, "fp16": True, "int8": False, "int4": False}  # else measured, reported
-# Share of prefill positions whose argmax equals torch's. Measured: int8 0.951 (real-small), 0.975
-# (real-fast); int4 0.78..0.80 on random-init tiny-llama (near-flat logits), 0.96 on real-fast.
+# Share of decided prefill positions whose argmax equals torch's. Measured over all positions: int8
+# 0.951 (real-small), 0.975 (real-fast, trained head); int4 0.78..0.80 on random-init tiny-llama,
+# 0.96 on real-fast with its trained head. With the fixed head (real-fast, 2026-12-01) all positions
+# gave int8 0.86 / int4 0.43, decided ones int8 0.987 / int4 0.978; a shuffled (broken) output 0.09-0.28.
 ARGMAX_MIN = {"int8": 0.9, "int4": 0.7}
+DECIDED_MARGIN = 0.25
+MIN_DECIDED = 8
 INSTRUCTIONS = ["Is the part damaged?", "How many holes does the plate have?"]
 NEW_TOKENS = 8
 
@@ -89,16 +98,25 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     last_abs = np.abs(ort_last[:, -1] - ref[:, -1]).max(axis=-1)
     last_diff = float(last_abs.max())
     last_rel = float((last_abs / np.maximum(ref[:, -1].std(axis=-1), 1e-6)).max())
-    argmax = float(np.mean(ort_logits[valid].argmax(-1) == ref[valid].argmax(-1)))
+    argmax, decided = argmax_agreement(ref[valid], ort_logits[valid])
     spread = float(np.median(ref[valid].std(axis=-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
             "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape),
-            "argmax_agreement": argmax,
+            "argmax_agreement": argmax, "argmax_positions": decided,
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
+
+
+def argmax_agreement(ref: np.ndarray, ort: np.ndarray) -> tuple[float, int]:
+    """(share of positions where ORT's argmax is torch's, how many positions counted) over the
+    positions torch decides (module docstring), or over all of them when fewer than MIN_DECIDED."""
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) >= DECIDED_MARGIN * np.maximum(ref.std(axis=-1), 1e-6)
+    rows = decided if decided.sum() >= MIN_DECIDED else np.ones(len(ref), dtype=bool)
+    return float(np.mean(ort[rows].argmax(-1) == ref[rows].argmax(-1))), int(rows.sum())
 
 
 def parity_report(base: Base, clip: Clip, bundle_dir, precision: str = "fp32") -> dict:
@@ -130,8 +148,8 @@ def failures(report: dict, precision: str) -> list[str]:
         out.append(f"max |diff| of the last position's logits is {report['max_rel_diff_last_logits']:.3g} x their "
                    f"spread (std) > {REL_TOLERANCE[precision]} ({precision})")
     if report["argmax_agreement"] < ARGMAX_MIN.get(precision, 0.0):
-        out.append(f"argmax of the logits agrees with torch on {report['argmax_agreement']:.1%} of positions "
-                   f"< {ARGMAX_MIN[precision]:.0%} ({precision})")
+        out.append(f"argmax of the logits agrees with torch on {report['argmax_agreement']:.1%} of the positions "
+                   f"torch decides < {ARGMAX_MIN[precision]:.0%} ({precision})")
     if TOKENS_MUST_MATCH[precision] and not report["tokens_equal"]:
         p = report["plain"]
         out.append(f"greedy tokens differ from transformers (plain {p['ref_tokens']} vs {p['ort_tokens']})")

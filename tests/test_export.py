@@ -8,7 +8,14 @@ import pytest
 
 from kaizen.export.base_export import export_bundle
 from kaizen.export.loading import load_base
-from kaizen.export.parity import ARGMAX_MIN, REL_TOLERANCE, compare, fixed_images
+from kaizen.export.parity import (
+    ARGMAX_MIN,
+    MIN_DECIDED,
+    REL_TOLERANCE,
+    argmax_agreement,
+    compare,
+    fixed_images,
+)
 from kaizen.export.reference import random_lora
 from kaizen.runtime.bundle import BUNDLE_FILES, Bundle, sha256_file
 from kaizen.runtime.engine import Engine
@@ -103,6 +110,25 @@ def test_int8_weight_only_export(tiny_llama, tmp_path):
         graph = onnx.load(str(tmp_path / "int8" / tower)).graph
         assert sum(n.op_type == "MatMulInteger" for n in graph.node) > 0, tower
         assert (tmp_path / "int8" / tower).stat().st_size < 0.7 * (fp32 / tower).stat().st_size, tower
+
+
+def test_argmax_agreement_counts_the_positions_torch_decides():
+    """Near-ties (torch's own top two within a quarter of a std) flip under any rounding and say
+    nothing about the graph: a quantized graph that flips only those passes, a broken one fails."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((200, 1024)).astype(np.float32)
+    top = ref.max(axis=-1)
+    ref[:, 5], ref[:, 6] = top + 1.0, top + 1.01  # every row: two tokens tied at the top...
+    ref[:40, 3] = top[:40] + 3.0  # ...except 40 rows where torch clearly picks token 3
+    rounded = ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.05  # flips the ties
+    share_all = float(np.mean(rounded.argmax(-1) == ref.argmax(-1)))
+    share, counted = argmax_agreement(ref, rounded)
+    assert share_all < 0.8 and (share, counted) == (1.0, 40)
+    broken = rng.standard_normal(ref.shape).astype(np.float32)
+    assert argmax_agreement(ref, broken)[0] < 0.1
+    few = ref.copy()
+    few[MIN_DECIDED - 1:40, 3] = top[MIN_DECIDED - 1:40]  # too few decided rows: every position counts
+    assert argmax_agreement(few, rounded)[1] == len(ref)
 
 
 def test_failed_parity_check_names_the_bound_and_keeps_its_figures(tiny_llama, tmp_path, monkeypatch):
