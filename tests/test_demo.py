@@ -94,10 +94,52 @@ def test_a_new_kaizen_run_forgets_what_the_old_one_made(tmp_path):
     (work / "improve.json").write_text("{}")
     (work / "base-real-fast").mkdir()   # the base and the bundle stay
     args = Namespace(seed=0, n_train=8, n_test=3, epochs=1, base="real-fast")
-    mark_delivered(work, work / "base-real-fast", args)
-    forget_stale(work, work / "base-real-fast", args)   # the same run delivered them: all kept
+    mark_delivered(work, work / "base-real-fast", args, "fp-1")
+    forget_stale(work, work / "base-real-fast", args, "fp-1")   # the same run delivered them: all kept
     assert all((work / name).exists() for name in ("fleet", "packs", "operations.json", "improve.json"))
     args.epochs = 2   # a changed run (also: none delivered yet, or an interrupted one): all removed
-    forget_stale(work, work / "base-real-fast", args)
+    forget_stale(work, work / "base-real-fast", args, "fp-1")
     assert not any((work / name).exists() for name in STALE)
     assert (work / "base-real-fast").is_dir() and not (work / DELIVERED).exists()
+
+
+def test_a_rebuilt_base_forgets_the_packs_and_runs_of_the_old_one(tmp_path):
+    """Same config, same base path, other weights (a rebuilt or re-aligned base): the packs, the
+    fleet and the finished runs were made for the old base and are not reused."""
+    from argparse import Namespace
+
+    from kaizen.trainer.compare import _reusable
+    from kaizen.trainer.demo.run import STALE, forget_stale, mark_delivered, train_config
+
+    work = tmp_path / "work"
+    (work / "packs").mkdir(parents=True)
+    args = Namespace(seed=0, n_train=8, n_test=3, epochs=1, base="real-fast")
+    mark_delivered(work, work / "base-real-fast", args, "fp-old")
+    forget_stale(work, work / "base-real-fast", args, "fp-new")
+    assert not any((work / name).exists() for name in STALE)
+    cfg = train_config("kaizen", work / "base-real-fast", work, args)
+    run = Path(cfg.out)
+    run.mkdir(parents=True)
+    results = {"config": cfg.to_dict(), "status": "done", "base_fingerprint": "fp-old"}
+    (run / "results.json").write_text(json.dumps(results))
+    assert _reusable(cfg, run, "fp-old") is not None
+    assert _reusable(cfg, run, "fp-new") is None
+
+
+def test_demo_rebuilds_a_base_made_by_an_older_recipe(tmp_path, monkeypatch):
+    """A base in WORK whose kaizen_base.json records another preset recipe (e.g. real-fast before
+    its fixed output head) is rebuilt, not reused; today's recipe is reused."""
+    from kaizen.trainer.demo import run as demo_run
+
+    base = tmp_path / "base-real-fast"
+    base.mkdir()
+    built = []
+    monkeypatch.setattr("kaizen.trainer.assemble.assemble", lambda preset, out, **kw: built.append(preset))
+    monkeypatch.setattr("kaizen.trainer.pretrain.pretrain", lambda *a, **kw: None)
+    recipe = demo_run._recipe("real-fast")
+    (base / "kaizen_base.json").write_text(json.dumps({"pretrained": True, "preset": recipe}))
+    assert demo_run.ensure_base(tmp_path, 1, 1) == base and built == []
+    older = dict(recipe, fixed_head=False)
+    (base / "kaizen_base.json").write_text(json.dumps({"pretrained": True, "preset": older}))
+    demo_run.ensure_base(tmp_path, 1, 1)
+    assert built == ["real-fast"]

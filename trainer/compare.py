@@ -35,14 +35,17 @@ def run_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def _reusable(cfg, run: Path) -> dict | None:
+def _reusable(cfg, run: Path, fingerprint: str) -> dict | None:
+    """The finished run's results when it was made with this config on this very base (a rebuilt
+    or re-aligned base at the same path has another fingerprint: its runs are trained anew)."""
     path = run / "results.json"
     if not path.exists():
         return None
     old = report.load_results(run)
     want = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
     have = {k: v for k, v in old["config"].items() if k not in RESUME_FREE}
-    return old if want == have and old.get("status") == "done" else None
+    same_base = old.get("base_fingerprint") == fingerprint
+    return old if want == have and same_base and old.get("status") == "done" else None
 
 
 def compare(args, methods: list[str], seeds: list[int], out: Path, log=print) -> dict:
@@ -55,7 +58,7 @@ def compare(args, methods: list[str], seeds: list[int], out: Path, log=print) ->
             run = out / "runs" / m / f"seed{seed}"
             cfg = config_from_args(args, m, str(run), seed)
             t0 = time.perf_counter()
-            results = _reusable(cfg, run)
+            results = _reusable(cfg, run, shared.fingerprint)
             if results is None:
                 if (run / "run.json").exists():
                     import shutil

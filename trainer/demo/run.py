@@ -56,9 +56,13 @@ def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fas
 
     base = work / f"base-{preset}"
     info = base / "kaizen_base.json"
-    if info.exists() and json.loads(info.read_text()).get("pretrained"):
-        log(f"reusing the pretrained {preset} base in {base}")
-        return base
+    if info.exists():
+        old = json.loads(info.read_text())
+        if old.get("pretrained") and old.get("preset") == _recipe(preset):
+            log(f"reusing the pretrained {preset} base in {base}")
+            return base
+        if old.get("pretrained"):
+            log(f"the {preset} recipe changed since {base} was built (trainer/presets.py): rebuilding it")
     shutil.rmtree(base, ignore_errors=True)
     if preset == "tiny-llama":
         from ..bases import init_base
@@ -72,6 +76,14 @@ def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fas
         assemble(preset, base, cache=work / "parts", log=log)
     pretrain(base, steps=steps, clip_steps=clip_steps, log=log)
     return base
+
+
+def _recipe(preset: str) -> dict:
+    """The preset as today's code writes it into kaizen_base.json (JSON round trip: lists, not tuples)."""
+    from ..presets import REAL_PRESETS, get_preset
+
+    p = REAL_PRESETS[preset] if preset in REAL_PRESETS else get_preset(preset)
+    return json.loads(json.dumps(p.to_dict()))
 
 
 def ensure_bundle(base: Path, work: Path) -> Path:
@@ -115,7 +127,7 @@ def run_method(method: str, base: Path, work: Path, a, shared, on_task=None) -> 
     from ..train import train
 
     cfg = train_config(method, base, work, a)
-    results = _reusable(cfg, Path(cfg.out))
+    results = _reusable(cfg, Path(cfg.out), shared.fingerprint)
     if results is not None:
         log(f"reusing the finished {method} run in {cfg.out}")
         return results
@@ -128,11 +140,16 @@ STALE = ("fleet", "packs", "operations.json", "improve.json", "improve")  # made
 DELIVERED = "delivered.json"  # the config of the kaizen run whose packs WORK/packs and the fleet hold
 
 
-def forget_stale(work: Path, base: Path, a) -> None:
+def _delivered_stamp(work: Path, base: Path, a, fingerprint: str) -> dict:
+    return dict(train_config("kaizen", base, work, a).to_dict(), base_fingerprint=fingerprint)
+
+
+def forget_stale(work: Path, base: Path, a, fingerprint: str) -> None:
     """Unless WORK/delivered.json says the packs and the fleet came from a finished kaizen run with
-    this very config, remove them and the later stages: a new, changed or interrupted run must
-    never leave the stations answering with an older run's packs, nor the report mix two runs."""
-    cfg = train_config("kaizen", base, work, a).to_dict()
+    this very config on this very base (fingerprint), remove them and the later stages: a new,
+    changed or interrupted run, or a rebuilt base, must never leave the stations answering with an
+    older run's packs, nor the report mix two runs."""
+    cfg = _delivered_stamp(work, base, a, fingerprint)
     stamp = work / DELIVERED
     if stamp.exists() and json.loads(stamp.read_text()) == cfg:
         return
@@ -147,9 +164,9 @@ def forget_stale(work: Path, base: Path, a) -> None:
     stamp.unlink(missing_ok=True)
 
 
-def mark_delivered(work: Path, base: Path, a) -> None:
+def mark_delivered(work: Path, base: Path, a, fingerprint: str) -> None:
     """Every pack of the finished kaizen run is active on the fleet (see forget_stale)."""
-    (work / DELIVERED).write_text(json.dumps(train_config("kaizen", base, work, a).to_dict(), indent=1))
+    (work / DELIVERED).write_text(json.dumps(_delivered_stamp(work, base, a, fingerprint), indent=1))
 
 
 class Delivery:
@@ -255,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = ensure_bundle(base, work)
     stage("base bundle (export + parity, or reuse)", t0)
     shared = Shared(str(base))
-    forget_stale(work, base, a)
+    forget_stale(work, base, a, shared.fingerprint)
     with DemoFleet(work / "fleet", bundle, a.stations, log=log) as fleet:
         t0 = time.perf_counter()
         delivery = Delivery(fleet, bundle, work)
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         for t, task_id in enumerate(results["stream"]):  # reused run: deliver what was not delivered
             if task_id not in {d["task_id"] for d in delivery.timeline}:
                 delivery(run, t, task_id)
-        mark_delivered(work, base, a)
+        mark_delivered(work, base, a, shared.fingerprint)
         stage("train kaizen + deliver packs", t0)
         t0 = time.perf_counter()
         predictions = json.loads((run / "predictions.json").read_text())
