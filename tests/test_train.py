@@ -15,7 +15,7 @@ from kaizen.runtime.cli import main as kaizen
 from kaizen.runtime.errors import ConfigError
 from kaizen.trainer.bases import init_base
 from kaizen.trainer.metrics import summarize
-from kaizen.trainer.train import TrainConfig, train
+from kaizen.trainer.train import Session, TrainConfig, train
 
 ARGS = ["--n-train", "8", "--n-test", "4", "--max-tasks", "2", "--epochs", "1", "--batch-size", "4",
         "--threads", "1"]
@@ -74,6 +74,20 @@ def test_resume_after_interruption_equals_uninterrupted(base_dir, tmp_path):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+def test_a_run_on_another_base_is_not_resumed_or_continued(base_dir, tmp_path):
+    """run.json records the base fingerprint; a run whose base was since rebuilt, re-aligned or
+    re-whitened at the same path is refused (its prompts, keys and LoRA fit the old weights)."""
+    assert train(cfg(base_dir, tmp_path / "cut", method="lora_ft"), stop_after=0) is None
+    state_path = tmp_path / "cut" / "run.json"
+    state = json.loads(state_path.read_text())
+    state["base_fingerprint"] = "0" * 64  # what the run would say had the base changed since
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="trained on another base.*train a new run"):
+        train(cfg(base_dir, tmp_path / "cut", method="lora_ft"), resume=True)
+    with pytest.raises(ConfigError, match="trained on another base"):
+        Session.from_run(tmp_path / "cut")
 
 
 def test_resume_via_cli_and_eval_reproduces_matrix(base_dir, tmp_path, capsys):

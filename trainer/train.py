@@ -135,7 +135,13 @@ class Session:
 
     def adopt(self, state: dict) -> None:
         """Continue from a run's saved state, with the method options it was trained with (run.json
-        method_config), whatever the base's kaizen_base.json says now."""
+        method_config), whatever the base's kaizen_base.json says now. Refused when the base at the
+        run's path is not the one the run was trained on (rebuilt, re-aligned or re-whitened)."""
+        made_on = state.get("base_fingerprint")
+        if made_on is not None and made_on != self.shared.fingerprint:
+            raise ConfigError(f"{self.run}/run.json was trained on another base than {self.cfg.base} holds now "
+                              f"(fingerprint {made_on[:12]} vs {self.shared.fingerprint[:12]}): its packs would not "
+                              "fit; train a new run (--out) on this base")
         self.state = state
         if "method_config" in state:
             self.method_cfg = MethodConfig.from_dict(state["method_config"])
