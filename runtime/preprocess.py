@@ -8,6 +8,9 @@ trainer (torch side) and the station (ONNX side), so both see identical pixels.
 Untrusted images are bounded before they are decoded: the header gives the size, and an image
 over `max_pixels` (default MAX_PIXELS, 25 MP; `max_image_pixels` in station.toml) or over
 MAX_SIDE a side is an InputError naming the limit; PIL's own decompression-bomb guard is one too.
+Encoded images and PIL images are turned upright by their EXIF orientation (phone and many camera
+JPEGs store the pixels sideways plus a tag), as a viewer shows them and as they were labelled;
+the trainer reads files through the same `upright`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -58,13 +61,29 @@ class PreprocessConfig:
         return cls(**d)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned by its EXIF orientation tag (2-8), or itself when it has none (1, absent).
+    An unreadable EXIF block or an out-of-range tag counts as no turn, as image viewers do: the
+    pixels themselves are fine, and refusing a camera's picture for its metadata helps no one."""
+    try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9):
+            return img
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):  # malformed EXIF: pixels as stored
+        return img
+
+
 def load_rgb(image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Accept encoded bytes, a path-like, a PIL image or a uint8 array [H,W,3]; return RGB PIL.
+    """Accept encoded bytes, a path-like, a PIL image or a uint8 array [H,W,3]; return RGB PIL,
+    upright by its EXIF orientation (`upright`).
 
     Images over `max_pixels` pixels (width x height) are refused before they are decoded."""
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels, "image")
-        return image.convert("RGB")
+        return upright(image).convert("RGB")
     if isinstance(image, np.ndarray):
         return Image.fromarray(check_array(image, max_pixels), "RGB")
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -109,7 +128,7 @@ def _decode(buf: io.BytesIO, what: str, max_pixels: int) -> Image.Image:
             raise InputError(f"{what}: {img.size} is larger than {MAX_SIDE} pixels a side")
         _check_pixels(img.size, max_pixels, what)
         img.load()
-        return img.convert("RGB")
+        return upright(img).convert("RGB")
     except Image.DecompressionBombError as err:
         raise InputError(f"{what} refused as a decompression bomb: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kaizen.runtime.errors import ConfigError, InputError, KaizenError
+from kaizen.runtime.preprocess import upright
 
 # Metrics a task may declare; trainer/metrics.py implements each (a test binds the two lists).
 KNOWN_METRICS = ("exact", "contains")
@@ -85,14 +86,15 @@ class Sample:
 
 
 def read_rgb(path: Path, source: str = "") -> np.ndarray:
-    """Open an image file with pillow and return uint8 [H, W, 3] RGB."""
+    """Open an image file with pillow and return uint8 [H, W, 3] RGB, upright by its EXIF
+    orientation as the station reads it (kaizen.runtime.preprocess.upright)."""
     where = f"{source}: " if source else ""
     if not path.is_file():
         raise InputError(f"{where}image file {path} does not exist; fix the record's image "
                          "path or the images folder")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return np.asarray(upright(im).convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(f"{where}image file {path} is not a readable image ({err}); "
                          "replace or remove it") from err
