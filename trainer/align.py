@@ -7,7 +7,8 @@ training image and cached; each step then runs only the projector and the langua
 the projector alone (real LM, e.g. SmolLM2: LLaVA's stage 1), or the projector and the LM when the
 preset says `train_lm` (the fast base's tiny LM starts from random weights and must learn the
 generic answers' language), its output head left as assembled when the preset says `fixed_head`
-(a fixed random projection, so answer words stage 1 never produced stay learnable by packs). Data: the generic synthetic instructions (never the task streams).
+(a fixed random projection, so answer words stage 1 never produced stay learnable by packs).
+Data: the generic synthetic instructions (never the task streams).
 Writes the weights back, pretrain.json (loss curve, held-out accuracy before/after) and pretrain.png.
 Also fits the base's query whitening on the same generic images' pooled tower outputs
 (export/query_whitening.py; `--whiten-only` does just that for a base aligned before it existed).
@@ -136,7 +137,8 @@ def align(base_dir, steps: int = 600, batch: int = 32, seed: int = 0, n_images: 
     model.requires_grad_(False)
     after = heldout_accuracy(base, held, held_rows)
     report = {"recipe": "llava-stage-1" + (" + tiny LM" if train_lm else ""), "steps": steps, "batch": batch,
-              "seed": seed, "lr": lr, "n_images": n_images, "fixed_head": fixed_head, "seconds": round(time.perf_counter() - t0, 1),
+              "seed": seed, "lr": lr, "n_images": n_images, "fixed_head": fixed_head,
+              "seconds": round(time.perf_counter() - t0, 1),
               "trainable_parameters": sum(p.numel() for p in params),
               "vlm_heldout_accuracy": {"before": before, "after": after}, "vlm_loss": losses, "clip_loss": [],
               "query_whitening": whitening}
