@@ -130,13 +130,14 @@ def test_demo_rebuilds_a_base_made_by_an_older_recipe(tmp_path, monkeypatch):
     """A base in WORK whose kaizen_base.json records another preset recipe (e.g. real-fast before
     its fixed output head) is rebuilt, not reused; today's recipe is reused."""
     from kaizen.trainer.demo import run as demo_run
+    from kaizen.trainer.presets import REAL_PRESETS
 
     base = tmp_path / "base-real-fast"
     base.mkdir()
     built = []
     monkeypatch.setattr("kaizen.trainer.assemble.assemble", lambda preset, out, **kw: built.append(preset))
     monkeypatch.setattr("kaizen.trainer.pretrain.pretrain", lambda *a, **kw: None)
-    recipe = demo_run._recipe("real-fast")
+    recipe = json.loads(json.dumps(REAL_PRESETS["real-fast"].to_dict()))
     (base / "kaizen_base.json").write_text(json.dumps({"pretrained": True, "preset": recipe}))
     assert demo_run.ensure_base(tmp_path, 1, 1) == base and built == []
     older = dict(recipe, fixed_head=False)

@@ -6,6 +6,7 @@ uninterrupted run; `kaizen eval --run` reproduces the matrix; config mismatches 
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -88,6 +89,24 @@ def test_a_run_on_another_base_is_not_resumed_or_continued(base_dir, tmp_path):
         train(cfg(base_dir, tmp_path / "cut", method="lora_ft"), resume=True)
     with pytest.raises(ConfigError, match="trained on another base"):
         Session.from_run(tmp_path / "cut")
+
+
+def test_a_base_from_an_older_recipe_is_named_when_training_starts(base_dir, tmp_path, capsys):
+    """recipe_drift names the preset fields a base was built without; training warns, and trains."""
+    from kaizen.trainer.presets import recipe_drift
+
+    info = json.loads((base_dir / "kaizen_base.json").read_text())
+    assert recipe_drift(info["preset"]) == []
+    assert recipe_drift({"name": "someone-elses-llava"}) == []  # not a built-in preset: nothing to say
+    fast = {"name": "real-fast", "lm": "tiny", "image_size": 112, "train_lm": True}  # fields of an older base
+    assert "fixed_head" in recipe_drift(fast)
+    old = tmp_path / "old-base"
+    shutil.copytree(base_dir, old)
+    info["preset"]["vocab_size"] = info["preset"]["vocab_size"] + 1  # as if today's recipe had changed
+    (old / "kaizen_base.json").write_text(json.dumps(info))
+    assert train(cfg(old, tmp_path / "run", method="lora_ft"), stop_after=0) is None
+    err = capsys.readouterr().err
+    assert "older recipe of preset tiny-llama (differs in: vocab_size)" in err
 
 
 def test_resume_via_cli_and_eval_reproduces_matrix(base_dir, tmp_path, capsys):

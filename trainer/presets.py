@@ -135,3 +135,17 @@ def get_real_preset(name: str) -> RealPreset:
     if name not in REAL_PRESETS:
         raise ValueError(f"unknown real base preset {name!r}; choose one of {sorted(REAL_PRESETS)}")
     return REAL_PRESETS[name]
+
+
+def recipe_drift(recorded: dict) -> list[str]:
+    """Fields where a base's recorded preset (kaizen_base.json "preset") differs from today's recipe
+    of the same name, e.g. ["fixed_head"] for a real-fast base assembled before its output head was
+    fixed; [] when it matches or the name is not a built-in preset (a user's own base)."""
+    import json
+
+    name = recorded.get("name")
+    current = REAL_PRESETS.get(name) or PRESETS.get(name)
+    if current is None:
+        return []
+    today = json.loads(json.dumps(current.to_dict()))  # as written to JSON: lists, not tuples
+    return sorted(k for k in today if recorded.get(k) != today[k])

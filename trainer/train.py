@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -83,6 +84,18 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _warn_older_recipe(base) -> None:
+    """Say so when the base was built by an older recipe of its built-in preset (it still trains)."""
+    from .presets import recipe_drift
+
+    recorded = base.info.get("preset") or {}
+    drift = recipe_drift(recorded)
+    if drift:
+        print(f"warning: {base.path} was built by an older recipe of preset {recorded.get('name')} (differs in: "
+              f"{', '.join(drift)}); build it anew (kaizen base assemble/init + pretrain) for today's: e.g. "
+              "fixed_head lets packs learn answer words stage 1 never produced", file=sys.stderr)
+
+
 class Shared:
     """Frozen pieces several runs can share in one process: base, CLIP, features, streams."""
 
@@ -93,6 +106,7 @@ class Shared:
         from .features import FeatureCache
 
         self.base = load_base(base_dir)
+        _warn_older_recipe(self.base)
         self.clip = load_query(self.base, clip_dir or None)  # a CLIP, or the base's unaligned encoders
         self.fingerprint = base_fingerprint(self.base, self.clip)  # before any LoRA slot is added
         self.features = FeatureCache(self.base, self.clip)

@@ -29,6 +29,7 @@ from PIL import Image
 from kaizen.runtime.errors import KaizenError
 
 from .. import checkpoint as ck
+from ..presets import recipe_drift
 from ..progress import progress
 from .fleet import DemoFleet
 from .improve import improvement_loop
@@ -58,11 +59,13 @@ def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fas
     info = base / "kaizen_base.json"
     if info.exists():
         old = json.loads(info.read_text())
-        if old.get("pretrained") and old.get("preset") == _recipe(preset):
+        drift = recipe_drift(old.get("preset", {"name": preset}))
+        if old.get("pretrained") and not drift:
             log(f"reusing the pretrained {preset} base in {base}")
             return base
         if old.get("pretrained"):
-            log(f"the {preset} recipe changed since {base} was built (trainer/presets.py): rebuilding it")
+            log(f"the {preset} recipe changed since {base} was built ({', '.join(drift)}; "
+                "trainer/presets.py): rebuilding it")
     shutil.rmtree(base, ignore_errors=True)
     if preset == "tiny-llama":
         from ..bases import init_base
@@ -76,14 +79,6 @@ def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fas
         assemble(preset, base, cache=work / "parts", log=log)
     pretrain(base, steps=steps, clip_steps=clip_steps, log=log)
     return base
-
-
-def _recipe(preset: str) -> dict:
-    """The preset as today's code writes it into kaizen_base.json (JSON round trip: lists, not tuples)."""
-    from ..presets import REAL_PRESETS, get_preset
-
-    p = REAL_PRESETS[preset] if preset in REAL_PRESETS else get_preset(preset)
-    return json.loads(json.dumps(p.to_dict()))
 
 
 def ensure_bundle(base: Path, work: Path) -> Path:
