@@ -105,7 +105,7 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
             "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape),
-            "argmax_agreement": argmax, "argmax_positions": decided,
+            "argmax_agreement": argmax, "argmax_positions": decided, "positions": int(valid.sum()),
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kaizen.export.base_export import export_bundle
 from kaizen.export.loading import load_base, load_query
-from kaizen.export.parity import ARGMAX_MIN, REL_TOLERANCE, check_parity, fixed_images
+from kaizen.export.parity import ARGMAX_MIN, MIN_DECIDED, REL_TOLERANCE, check_parity, fixed_images
 from kaizen.export.quantize import int4_candidates, quantize_weights_int4
 from kaizen.export.reference import random_lora
 from kaizen.runtime.bundle import Bundle
@@ -230,3 +230,19 @@ def test_cuda_provider_runs_fp16_and_int4_bundles(tiny_llama, tmp_path, precisio
     assert np.abs(logits[0] - logits[1]).max() < {"fp16": 0.1, "int4": 1.0}[precision]
     got = gpu.generate(images, ["Is it damaged?", "How many holes?"], lora=lora, max_new_tokens=3)
     assert len(got) == 2 and all(0 < g.confidence <= 1 for g in got)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_real_fast_quantized_bundles_pass_parity(real_fast, tmp_path, precision):
+    """The default base's own int8/int4 bundles export with parity. Its fixed output head leaves
+    torch undecided at many prefill positions (near ties any rounding flips), which is why the
+    argmax floor counts only the positions torch decides (export/parity.py); counted over every
+    position, this int4 bundle agreed on 57 % < 70 % and its export failed."""
+    base_dir, _ = real_fast
+    export_bundle(base_dir, tmp_path / precision, precision=precision, log=lambda *_: None)
+    rep = json.loads((tmp_path / precision / "parity.json").read_text())
+    assert rep["failures"] == []
+    assert rep["argmax_agreement"] >= ARGMAX_MIN[precision]
+    for half in ("plain", "prompt_and_lora"):  # counted: the decided positions, not all of them
+        assert MIN_DECIDED <= rep[half]["argmax_positions"] < rep[half]["positions"]
+    assert Bundle.open(tmp_path / precision).meta["precision"] == precision
