@@ -98,14 +98,14 @@ def _compare(base: Base, model, engine: Engine, images, prompt, lora) -> dict:
     last_abs = np.abs(ort_last[:, -1] - ref[:, -1]).max(axis=-1)
     last_diff = float(last_abs.max())
     last_rel = float((last_abs / np.maximum(ref[:, -1].std(axis=-1), 1e-6)).max())
-    argmax, decided = argmax_agreement(ref[valid], ort_logits[valid])
+    argmax, counted = argmax_agreement(ref[valid], ort_logits[valid])
     spread = float(np.median(ref[valid].std(axis=-1)))
     ref_tokens = torch_generate(model, base, embeds, mask, NEW_TOKENS)
     ort_tokens = [g.token_ids for g in engine.generate(images, INSTRUCTIONS, prompt, lora, NEW_TOKENS)]
     agree = np.mean([a == b for a, b in zip(ref_tokens, ort_tokens)])
     return {"max_abs_diff_logits": max(diff, last_diff), "max_abs_diff_last_logits": last_diff,
             "max_rel_diff_last_logits": last_rel, "logit_std": spread, "kept_logits_shape": list(ort_last.shape),
-            "argmax_agreement": argmax, "argmax_positions": decided, "positions": int(valid.sum()),
+            "argmax_agreement": argmax, "argmax_positions": counted, "positions": int(valid.sum()),
             "tokens_equal": bool(agree == 1.0), "token_agreement": float(agree),
             "ref_tokens": ref_tokens, "ort_tokens": ort_tokens}
 

@@ -15,6 +15,7 @@ real-small take the attention projections only (their packs stay under 1 % of th
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 from kaizen.export.lora_targets import ALL_TARGETS, ATTENTION_TARGETS, parse_targets
@@ -141,8 +142,6 @@ def recipe_drift(recorded: dict) -> list[str]:
     """Fields where a base's recorded preset (kaizen_base.json "preset") differs from today's recipe
     of the same name, e.g. ["fixed_head"] for a real-fast base assembled before its output head was
     fixed; [] when it matches or the name is not a built-in preset (a user's own base)."""
-    import json
-
     name = recorded.get("name")
     current = REAL_PRESETS.get(name) or PRESETS.get(name)
     if current is None:

@@ -91,9 +91,10 @@ def _warn_older_recipe(base) -> None:
     recorded = base.info.get("preset") or {}
     drift = recipe_drift(recorded)
     if drift:
+        why = "; fixed_head lets packs learn answer words stage 1 never produced" if "fixed_head" in drift else ""
         print(f"warning: {base.path} was built by an older recipe of preset {recorded.get('name')} (differs in: "
-              f"{', '.join(drift)}); build it anew (kaizen base assemble/init + pretrain) for today's: e.g. "
-              "fixed_head lets packs learn answer words stage 1 never produced", file=sys.stderr)
+              f"{', '.join(drift)}); build it anew (kaizen base assemble/init + pretrain) for today's{why}",
+              file=sys.stderr)
 
 
 class Shared:

@@ -57,15 +57,14 @@ def ensure_base(work: Path, steps: int, clip_steps: int, preset: str = "real-fas
 
     base = work / f"base-{preset}"
     info = base / "kaizen_base.json"
-    if info.exists():
-        old = json.loads(info.read_text())
+    old = json.loads(info.read_text()) if info.exists() else {}
+    if old.get("pretrained"):
         drift = recipe_drift(old.get("preset", {"name": preset}))
-        if old.get("pretrained") and not drift:
+        if not drift:
             log(f"reusing the pretrained {preset} base in {base}")
             return base
-        if old.get("pretrained"):
-            log(f"the {preset} recipe changed since {base} was built ({', '.join(drift)}; "
-                "trainer/presets.py): rebuilding it")
+        log(f"the {preset} recipe changed since {base} was built ({', '.join(drift)}; "
+            "trainer/presets.py): rebuilding it")
     shutil.rmtree(base, ignore_errors=True)
     if preset == "tiny-llama":
         from ..bases import init_base
